@@ -1,0 +1,94 @@
+#include "checks.h"
+
+#include <ATen/MemoryOverlap.h>
+#include <c10/core/ScalarType.h>
+
+#include <sstream>
+
+namespace twolayer {
+
+namespace {
+std::string shape_str(at::IntArrayRef s) {
+  std::ostringstream os;
+  os << s;
+  return os.str();
+}
+}  // namespace
+
+Reduction parse_reduction(const char* op, c10::string_view reduction) {
+  if (reduction == "sum") return Reduction::Sum;
+  if (reduction == "mean") return Reduction::Mean;
+  TORCH_CHECK_VALUE(false, op, ": reduction must be \"sum\" or \"mean\", got \"",
+                    std::string(reduction.data(), reduction.size()), "\"");
+}
+
+void check_float(const char* op, const char* name, const at::Tensor& t) {
+  const auto dt = t.scalar_type();
+  const bool cpu_ok = dt == at::kFloat || dt == at::kDouble;
+  const bool cuda_ok = cpu_ok || dt == at::kHalf || dt == at::kBFloat16;
+  if (t.is_cuda()) {
+    TORCH_CHECK_TYPE(cuda_ok, op, ": ", name,
+                     " must be float32, float64, float16 or bfloat16 on CUDA, got ", dt);
+  } else {
+    TORCH_CHECK_TYPE(cpu_ok, op, ": ", name, " must be float32 or float64 on ", t.device(),
+                     ", got ", dt);
+  }
+}
+
+void check_like(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
+                const at::Tensor& ref) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " must be on the same device as ",
+              ref_name, " (", ref.device(), "), got ", t.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), op, ": ", name,
+                   " must have the same dtype as ", ref_name, " (", ref.scalar_type(), "), got ",
+                   t.scalar_type());
+}
+
+void check_shape(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape,
+                 const char* shape_desc) {
+  TORCH_CHECK_VALUE(t.sizes() == shape, op, ": ", name, " must have shape ", shape_desc, " = ",
+                    shape_str(shape), ", got ", shape_str(t.sizes()));
+}
+
+Dims check_two_layer_args(const char* op, const at::Tensor& x, const at::Tensor& w1,
+                          const std::optional<at::Tensor>& b1, const at::Tensor& w2,
+                          const std::optional<at::Tensor>& b2) {
+  TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must be a 2-D tensor [N, D_in], got ", x.dim(),
+                    "-D of shape ", shape_str(x.sizes()));
+  check_float(op, "x", x);
+  TORCH_CHECK_VALUE(w1.dim() == 2, op, ": w1 must be a 2-D tensor [D_in, H], got ", w1.dim(),
+                    "-D of shape ", shape_str(w1.sizes()));
+  TORCH_CHECK_VALUE(w2.dim() == 2, op, ": w2 must be a 2-D tensor [H, D_out], got ", w2.dim(),
+                    "-D of shape ", shape_str(w2.sizes()));
+  check_like(op, "w1", w1, "x", x);
+  check_like(op, "w2", w2, "x", x);
+  const Dims d{x.size(0), x.size(1), w1.size(1), w2.size(1)};
+  TORCH_CHECK_VALUE(w1.size(0) == d.D_in, op, ": w1 must have shape [D_in, H] with D_in = ",
+                    d.D_in, " (x.size(1)), got ", shape_str(w1.sizes()));
+  TORCH_CHECK_VALUE(w2.size(0) == d.H, op, ": w2 must have shape [H, D_out] with H = ", d.H,
+                    " (w1.size(1)), got ", shape_str(w2.sizes()));
+  if (b1.has_value()) {
+    check_like(op, "b1", *b1, "x", x);
+    check_shape(op, "b1", *b1, {d.H}, "[H]");
+  }
+  if (b2.has_value()) {
+    check_like(op, "b2", *b2, "x", x);
+    check_shape(op, "b2", *b2, {d.D_out}, "[D_out]");
+  }
+  return d;
+}
+
+void check_writable_and_disjoint(
+    const char* op, const char* name, const at::Tensor& t,
+    std::initializer_list<std::pair<const char*, const at::Tensor*>> others) {
+  TORCH_CHECK_VALUE(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": ", name,
+                    " is updated in place, so its elements must not share memory (an expanded or "
+                    "stride-0 tensor cannot be updated); pass a tensor with its own storage");
+  for (const auto& [other_name, other] : others) {
+    if (other == nullptr || !other->defined()) continue;
+    TORCH_CHECK_VALUE(at::get_overlap_status(t, *other) == at::MemOverlapStatus::No, op, ": ",
+                      name, " is updated in place and must not share memory with ", other_name);
+  }
+}
+
+}  // namespace twolayer

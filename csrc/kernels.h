@@ -1,0 +1,48 @@
+// Kernel entry points, one set per device. The dispatcher (ops.cpp) binds them
+// to the schemas; argument checks live in checks.h and run before any kernel.
+//
+// The forward saves one hidden tensor, `act` [N, H]: the ReLU output, with the
+// ReLU mask carried in the sign bit. Where the pre-activation h < 0 it holds
+// -0.0 (a zero for the second matmul, "blocked" for the backward); elsewhere
+// |h| (h >= 0, NaN kept with its sign cleared). So the backward applies
+// numpy's `grad_h[h < 0] = 0` exactly, NaN and -0.0 included, without a
+// second N x H tensor.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+
+namespace twolayer {
+
+using OptTensor = std::optional<at::Tensor>;
+using Grads5 = std::tuple<OptTensor, OptTensor, OptTensor, OptTensor, OptTensor>;
+
+namespace cpu {
+std::tuple<at::Tensor, at::Tensor> two_layer_fwd(const at::Tensor& x, const at::Tensor& w1,
+                                                 const at::Tensor& w2, const OptTensor& b1,
+                                                 const OptTensor& b2);
+Grads5 two_layer_bwd(const at::Tensor& grad_y, const OptTensor& x, const OptTensor& w1,
+                     const at::Tensor& w2, const at::Tensor& act, std::array<bool, 5> output_mask);
+std::tuple<at::Tensor, OptTensor> l2_loss_fwd(const at::Tensor& pred, const at::Tensor& target,
+                                              c10::string_view reduction, bool need_grad);
+at::Tensor l2_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& grad);
+}  // namespace cpu
+
+#ifdef TWOLAYER_WITH_CUDA
+namespace cuda {
+std::tuple<at::Tensor, at::Tensor> two_layer_fwd(const at::Tensor& x, const at::Tensor& w1,
+                                                 const at::Tensor& w2, const OptTensor& b1,
+                                                 const OptTensor& b2);
+Grads5 two_layer_bwd(const at::Tensor& grad_y, const OptTensor& x, const OptTensor& w1,
+                     const at::Tensor& w2, const at::Tensor& act, std::array<bool, 5> output_mask);
+std::tuple<at::Tensor, OptTensor> l2_loss_fwd(const at::Tensor& pred, const at::Tensor& target,
+                                              c10::string_view reduction, bool need_grad);
+at::Tensor l2_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& grad);
+}  // namespace cuda
+#endif
+
+}  // namespace twolayer

@@ -1,0 +1,42 @@
+// Schemas and dispatch: the one place that says which ops exist and which
+// kernel serves each device. Importing twolayer_ext._C runs these static
+// registrations; the module itself is empty (no pybind, so Dynamo sees real ops).
+#include <Python.h>
+#include <torch/library.h>
+
+#include "kernels.h"
+
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(twolayer_ext, m) {
+  // y = relu(x @ w1 + b1) @ w2 + b2; act is what the backward needs (see kernels.h).
+  m.def("two_layer_fwd(Tensor x, Tensor w1, Tensor w2, Tensor? b1, Tensor? b2) -> (Tensor y, Tensor act)");
+  // Gradients for (x, w1, b1, w2, b2); only those set in output_mask are computed.
+  m.def("two_layer_bwd(Tensor grad_y, Tensor? x, Tensor? w1, Tensor w2, Tensor act, bool[5] output_mask)"
+        " -> (Tensor? grad_x, Tensor? grad_w1, Tensor? grad_b1, Tensor? grad_w2, Tensor? grad_b2)");
+  // Sum or mean of squared error and, in the same pass, its gradient wrt pred.
+  m.def("l2_loss_fwd(Tensor pred, Tensor target, str reduction, bool need_grad) -> (Tensor loss, Tensor? grad)");
+  // grad_loss (0-dim) * grad: the loss backward, a separate op so that double backward fails loudly.
+  m.def("l2_loss_bwd(Tensor grad_loss, Tensor grad) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(twolayer_ext, CPU, m) {
+  m.impl("two_layer_fwd", &twolayer::cpu::two_layer_fwd);
+  m.impl("two_layer_bwd", &twolayer::cpu::two_layer_bwd);
+  m.impl("l2_loss_fwd", &twolayer::cpu::l2_loss_fwd);
+  m.impl("l2_loss_bwd", &twolayer::cpu::l2_loss_bwd);
+}
+
+#ifdef TWOLAYER_WITH_CUDA
+TORCH_LIBRARY_IMPL(twolayer_ext, CUDA, m) {
+  m.impl("two_layer_fwd", &twolayer::cuda::two_layer_fwd);
+  m.impl("two_layer_bwd", &twolayer::cuda::two_layer_bwd);
+  m.impl("l2_loss_fwd", &twolayer::cuda::l2_loss_fwd);
+  m.impl("l2_loss_bwd", &twolayer::cuda::l2_loss_bwd);
+}
+#endif

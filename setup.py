@@ -1,0 +1,75 @@
+"""Builds twolayer_ext._C: CPU kernels always, CUDA kernels when they can be built.
+
+TWOLAYER_CUDA=1 forces the CUDA build (and fails if it cannot be done), TWOLAYER_CUDA=0
+forces CPU-only; unset, CUDA is built when torch is a CUDA build and nvcc is found.
+Build with the installed torch: pip install --no-build-isolation -e .
+"""
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+import torch
+from torch.utils import cpp_extension
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def choose_backend():
+    """Returns (build_cuda, reason)."""
+    forced = os.environ.get("TWOLAYER_CUDA", "").strip()
+    if forced not in ("", "0", "1"):
+        sys.exit(f"twolayer_ext: TWOLAYER_CUDA must be 0 or 1, got {forced!r}")
+    if forced == "0":
+        return False, "TWOLAYER_CUDA=0"
+    missing = []
+    if torch.version.cuda is None:
+        missing.append(f"torch {torch.__version__} is a CPU-only build")
+    cuda_home = cpp_extension.CUDA_HOME
+    if cuda_home is None or not os.path.exists(os.path.join(cuda_home, "bin", "nvcc")):
+        missing.append("no CUDA toolkit found (set CUDA_HOME to the folder holding bin/nvcc)")
+    if not glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")):
+        missing.append("no CUDA sources in csrc/cuda")
+    if missing:
+        if forced == "1":
+            sys.exit("twolayer_ext: TWOLAYER_CUDA=1 but CUDA cannot be built: " + "; ".join(missing))
+        return False, "; ".join(missing)
+    why = "TWOLAYER_CUDA=1" if forced == "1" else "found"
+    return True, f"{why}: torch {torch.__version__} with CUDA {torch.version.cuda}, nvcc in {cuda_home}"
+
+
+def write_build_info(backend, reason):
+    # Read at import time, so a failed load can say which torch this was built for.
+    with open(os.path.join(HERE, "twolayer_ext", "_build_info.py"), "w") as f:
+        f.write("# Written by setup.py at build time.\n")
+        f.write(f"TORCH_VERSION = {torch.__version__!r}\n")
+        f.write(f"BACKEND = {backend!r}\n")
+        f.write(f"REASON = {reason!r}\n")
+
+
+def extension():
+    build_cuda, reason = choose_backend()
+    backend = "CUDA" if build_cuda else "CPU-only"
+    print(f"twolayer_ext: building the {backend} extension ({reason})", flush=True)
+    write_build_info(backend, reason)
+
+    cxx = ["-O3", "-fopenmp", "-g0", "-std=c++17"]
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    kwargs = dict(extra_link_args=["-fopenmp"], py_limited_api=True)
+    if not build_cuda:
+        return cpp_extension.CppExtension(
+            "twolayer_ext._C", sources, extra_compile_args={"cxx": cxx}, **kwargs)
+    cxx.append("-DTWOLAYER_WITH_CUDA")
+    nvcc = ["-O3", "-DTWOLAYER_WITH_CUDA", "--expt-relaxed-constexpr", "-std=c++17"]
+    return cpp_extension.CUDAExtension(
+        "twolayer_ext._C", sources + sorted(glob.glob("csrc/cuda/*.cu")),
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs)
+
+
+setup(
+    packages=find_packages(include=["twolayer_ext", "twolayer_ext.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
+)

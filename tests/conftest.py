@@ -1,0 +1,35 @@
+import numpy as np
+import pytest
+import torch
+
+import twolayer_ext
+from twolayer_ext import reference as R
+
+HAS_CUDA = torch.cuda.is_available() and "cuda" in twolayer_ext.available_devices()
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not HAS_CUDA, reason="needs a GPU and the CUDA build"))]
+TORCH_DTYPE = {"float32": torch.float32, "float64": torch.float64}
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+def problem(N, D_in, H, D_out, *, bias, seed=0):
+    """A float64 numpy problem with weights scaled so activations stay O(1)."""
+    x, y, params = R.tutorial_data(N, D_in, H, D_out, seed=seed, bias=bias)
+    params["w1"] /= np.sqrt(max(D_in, 1))
+    params["w2"] /= np.sqrt(max(H, 1))
+    return x, y, params
+
+
+def to_torch(params, device, dtype=torch.float64, requires_grad=False):
+    return {k: (None if v is None else
+                torch.tensor(v, dtype=dtype, device=device).requires_grad_(requires_grad))
+            for k, v in params.items()}
+
+
+def assert_close_np(actual, expected, rtol, atol=0.0, what=""):
+    actual = actual.detach().double().cpu().numpy() if isinstance(actual, torch.Tensor) else actual
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol, err_msg=what)

@@ -1,0 +1,54 @@
+"""TwoLayerNet: the nn.Module over the ops, and its exact round trip with nn.Sequential."""
+import pytest
+import torch
+from torch import nn
+
+import twolayer_ext as tl
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_sequential_round_trip(bias):
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Linear(7, 5, bias=bias), nn.ReLU(), nn.Linear(5, 3, bias=bias)).double()
+    net = tl.TwoLayerNet.from_sequential(seq)
+    x = torch.randn(9, 7, dtype=torch.float64)
+    torch.testing.assert_close(net(x), seq(x), rtol=1e-12, atol=1e-12)
+
+    net(x).pow(2).sum().backward()
+    seq(x).pow(2).sum().backward()
+    torch.testing.assert_close(net.w1.grad, seq[0].weight.grad.t())
+    torch.testing.assert_close(net.w2.grad, seq[2].weight.grad.t())
+    if bias:
+        torch.testing.assert_close(net.b1.grad, seq[0].bias.grad)
+        torch.testing.assert_close(net.b2.grad, seq[2].bias.grad)
+
+    back = net.to_sequential()
+    for a, b in zip(back.state_dict().values(), seq.state_dict().values()):
+        assert torch.equal(a, b)  # exact both ways
+    # A checkpoint of either kind loads into the other.
+    restored = tl.TwoLayerNet(7, 5, 3, bias=bias, dtype=torch.float64)
+    restored.load_state_dict(tl.TwoLayerNet.from_sequential(back).state_dict())
+    assert torch.equal(restored(x), net(x))
+
+
+def test_module_basics():
+    net = tl.TwoLayerNet(4, 6, 2)
+    assert [n for n, _ in net.named_parameters()] == ["w1", "w2", "b1", "b2"]
+    assert net.w1.shape == (4, 6) and net.w2.shape == (6, 2)
+    assert "D_in=4, H=6, D_out=2, bias=True" in repr(net)
+    assert net(torch.randn(3, 4)).shape == (3, 2)
+    assert [n for n, _ in tl.TwoLayerNet(4, 6, 2, bias=False).named_parameters()] == ["w1", "w2"]
+
+
+@pytest.mark.parametrize("args", [(0, 2, 3), (2, -1, 3), (2, 2, 1.5), (True, 2, 2)])
+def test_bad_sizes(args):
+    with pytest.raises(ValueError, match="must be a positive int"):
+        tl.TwoLayerNet(*args)
+
+
+@pytest.mark.parametrize("seq", [nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)),
+                                 nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)),
+                                 nn.Linear(3, 4)])
+def test_from_sequential_rejects_other_models(seq):
+    with pytest.raises(TypeError, match=r"nn.Sequential\(nn.Linear, nn.ReLU, nn.Linear\)"):
+        tl.TwoLayerNet.from_sequential(seq)

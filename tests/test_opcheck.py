@@ -1,0 +1,63 @@
+"""opcheck on every op (with and without requires_grad) and float64 gradcheck."""
+import pytest
+import torch
+from torch.library import opcheck
+
+import twolayer_ext as tl
+
+OPS = torch.ops.twolayer_ext
+
+
+def inputs(device, bias, requires_grad, N=5):
+    g = torch.Generator().manual_seed(0)
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(device).requires_grad_(requires_grad)  # noqa: E731
+    x, w1, w2 = mk(N, 4), mk(4, 6), mk(6, 3)
+    b1, b2 = (mk(6), mk(3)) if bias else (None, None)
+    return x, w1, w2, b1, b2
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_opcheck_two_layer_fwd(device, bias, requires_grad):
+    opcheck(OPS.two_layer_fwd, inputs(device, bias, requires_grad))
+
+
+@pytest.mark.parametrize("mask", [[True] * 5, [False, True, False, True, False],
+                                  [True, False, True, False, False], [False] * 5])
+def test_opcheck_two_layer_bwd(device, mask):
+    x, w1, w2, b1, b2 = inputs(device, True, False)
+    _, act = OPS.two_layer_fwd(x, w1, w2, b1, b2)
+    grad_y = torch.randn(5, 3, dtype=torch.float64, device=device)
+    opcheck(OPS.two_layer_bwd, (grad_y, x, w1, w2, act, mask))
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_opcheck_l2_loss(device, reduction, requires_grad):
+    pred = torch.randn(5, 3, dtype=torch.float64, device=device, requires_grad=requires_grad)
+    target = torch.randn(5, 3, dtype=torch.float64, device=device)
+    opcheck(OPS.l2_loss_fwd, (pred, target, reduction, requires_grad))
+    grad_loss = torch.tensor(1.5, dtype=torch.float64, device=device)
+    opcheck(OPS.l2_loss_bwd, (grad_loss, pred.detach()))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("N", [0, 1, 5])
+def test_gradcheck_two_layer(device, bias, N):
+    assert torch.autograd.gradcheck(tl.two_layer, inputs(device, bias, True, N=N))
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_gradcheck_l2_loss(device, reduction):
+    pred = torch.randn(4, 3, dtype=torch.float64, device=device, requires_grad=True)
+    target = torch.randn(4, 3, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda p, t: tl.l2_loss(p, t, reduction), (pred, target))
+
+
+def test_double_backward_is_a_clear_error(device):
+    x, w1, w2, b1, b2 = inputs(device, True, True)
+    loss = tl.l2_loss(tl.two_layer(x, w1, w2, b1, b2), torch.zeros(5, 3, dtype=torch.float64,
+                                                                   device=device))
+    (gw1,) = torch.autograd.grad(loss, w1, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        gw1.sum().backward()

@@ -1,0 +1,14 @@
+"""twolayer_ext: a fused two-layer ReLU MLP (forward, L2 loss, backward) as PyTorch custom ops.
+
+    y = relu(x @ w1 + b1) @ w2 + b2
+
+two_layer and l2_loss are differentiable drop-ins for the tutorial's
+x.mm(w1).clamp(min=0).mm(w2) and (y_pred - y).pow(2).sum(); TwoLayerNet is the nn.Module.
+The numpy and autograd oracles they are validated against are in twolayer_ext.reference.
+"""
+from ._loader import BUILD_INFO, available_devices
+from .module import TwoLayerNet
+from .ops import l2_loss, two_layer
+
+__all__ = ["two_layer", "l2_loss", "TwoLayerNet", "available_devices", "BUILD_INFO"]
+__version__ = "0.1.0"

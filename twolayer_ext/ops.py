@@ -1,0 +1,158 @@
+"""Python face of the custom ops: the public functions, their fake (meta) kernels
+for torch.compile, and their autograd formulas. The kernels are in csrc/."""
+import torch
+
+from . import _loader  # noqa: F401  (loads _C, which registers the ops)
+
+_ops = torch.ops.twolayer_ext
+_REDUCTIONS = ("sum", "mean")
+
+
+def _require_tensor(fn, name, value, optional=False):
+    if value is None and optional:
+        return
+    if not isinstance(value, torch.Tensor):
+        expected = "a torch.Tensor or None" if optional else "a torch.Tensor"
+        raise TypeError(f"{fn}: {name} must be {expected}, got {type(value).__name__}")
+
+
+def _require_reduction(fn, reduction):
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f'{fn}: reduction must be "sum" or "mean", got {reduction!r}')
+
+
+# ---- public functions ------------------------------------------------------------------------
+
+def two_layer(x, w1, w2, b1=None, b2=None):
+    """y = relu(x @ w1 + b1) @ w2 + b2, fused; differentiable in every tensor argument.
+
+    x [N, D_in], w1 [D_in, H], w2 [H, D_out], b1 [H] or None, b2 [D_out] or None: the
+    tutorial's layout, so `two_layer(x, w1, w2)` replaces `x.mm(w1).clamp(min=0).mm(w2)`.
+    """
+    for name, value in (("x", x), ("w1", w1), ("w2", w2)):
+        _require_tensor("two_layer", name, value)
+    _require_tensor("two_layer", "b1", b1, optional=True)
+    _require_tensor("two_layer", "b2", b2, optional=True)
+    y, _ = _ops.two_layer_fwd(x, w1, w2, b1, b2)
+    return y
+
+
+def l2_loss(pred, target, reduction="sum"):
+    """Sum (the tutorial's loss, default) or mean of (pred - target)**2, as a 0-dim tensor.
+
+    Equals (pred - target).pow(2).sum() and nn.MSELoss(reduction=...); the gradient is
+    computed in the same pass when autograd will need it.
+    """
+    _require_tensor("l2_loss", "pred", pred)
+    _require_tensor("l2_loss", "target", target)
+    _require_reduction("l2_loss", reduction)
+    need_grad = torch.is_grad_enabled() and (pred.requires_grad or target.requires_grad)
+    loss, _ = _ops.l2_loss_fwd(pred, target, reduction, need_grad)
+    return loss
+
+
+# ---- fake kernels: shapes, dtypes, devices and strides of the real ones -----------------------
+
+def _fake_check_like(fn, name, t, ref_name, ref):
+    torch._check(t.device == ref.device, lambda: (
+        f"{fn}: {name} must be on the same device as {ref_name} ({ref.device}), got {t.device}"))
+    torch._check(t.dtype == ref.dtype, lambda: (
+        f"{fn}: {name} must have the same dtype as {ref_name} ({ref.dtype}), got {t.dtype}"))
+
+
+@torch.library.register_fake("twolayer_ext::two_layer_fwd")
+def _two_layer_fwd_fake(x, w1, w2, b1, b2):
+    for name, t in (("w1", w1), ("w2", w2), ("b1", b1), ("b2", b2)):
+        if t is not None:
+            _fake_check_like("two_layer", name, t, "x", x)
+    torch._check(x.dim() == 2 and w1.dim() == 2 and w2.dim() == 2,
+                 lambda: "two_layer: x, w1 and w2 must be 2-D")
+    torch._check(w1.shape[0] == x.shape[1], lambda: "two_layer: w1 must have shape [D_in, H]")
+    torch._check(w2.shape[0] == w1.shape[1], lambda: "two_layer: w2 must have shape [H, D_out]")
+    n = x.shape[0]
+    return x.new_empty((n, w2.shape[1])), x.new_empty((n, w1.shape[1]))
+
+
+@torch.library.register_fake("twolayer_ext::two_layer_bwd")
+def _two_layer_bwd_fake(grad_y, x, w1, w2, act, output_mask):
+    n, h = act.shape
+    d_out = w2.shape[1]
+    need_x, need_w1, need_b1, need_w2, need_b2 = output_mask
+    return (
+        grad_y.new_empty((n, w1.shape[0])) if need_x else None,
+        grad_y.new_empty((x.shape[1], h)) if need_w1 else None,
+        grad_y.new_empty((h,)) if need_b1 else None,
+        grad_y.new_empty((h, d_out)) if need_w2 else None,
+        grad_y.new_empty((d_out,)) if need_b2 else None,
+    )
+
+
+@torch.library.register_fake("twolayer_ext::l2_loss_fwd")
+def _l2_loss_fwd_fake(pred, target, reduction, need_grad):
+    _fake_check_like("l2_loss", "target", target, "pred", pred)
+    torch._check(pred.shape == target.shape, lambda: "l2_loss: target must have pred's shape")
+    return pred.new_empty(()), (pred.new_empty(pred.shape) if need_grad else None)
+
+
+@torch.library.register_fake("twolayer_ext::l2_loss_bwd")
+def _l2_loss_bwd_fake(grad_loss, grad):
+    return grad.new_empty(grad.shape)
+
+
+# ---- autograd ----------------------------------------------------------------------------------
+
+def _two_layer_setup_context(ctx, inputs, output):
+    x, w1, w2, b1, b2 = inputs
+    _, act = output
+    need_x, need_w1, need_w2, need_b1, need_b2 = ctx.needs_input_grad[:5]
+    ctx.output_mask = [need_x, need_w1, need_b1, need_w2, need_b2]
+    # act is internal state for the backward, not a differentiable result.
+    ctx.mark_non_differentiable(act)
+    # Save only what the requested gradients read: x for grad_w1, w1 for grad_x.
+    ctx.save_for_backward(x if need_w1 else None, w1 if need_x else None, w2, act)
+
+
+def _two_layer_backward(ctx, grad_y, _grad_act):
+    x, w1, w2, act = ctx.saved_tensors
+    grad_x, grad_w1, grad_b1, grad_w2, grad_b2 = _ops.two_layer_bwd(
+        grad_y, x, w1, w2, act, ctx.output_mask)
+    return grad_x, grad_w1, grad_w2, grad_b1, grad_b2
+
+
+torch.library.register_autograd(
+    "twolayer_ext::two_layer_fwd", _two_layer_backward, setup_context=_two_layer_setup_context)
+
+
+def _l2_loss_setup_context(ctx, inputs, output):
+    _, grad = output
+    ctx.mark_non_differentiable(grad)
+    ctx.save_for_backward(grad)
+
+
+def _l2_loss_backward(ctx, grad_loss, _grad_grad):
+    (grad,) = ctx.saved_tensors
+    if grad is None:
+        raise RuntimeError("l2_loss: backward needs the gradient saved by the forward; "
+                           "call l2_loss_fwd with need_grad=True when inputs require grad")
+    need_pred, need_target = ctx.needs_input_grad[:2]
+    grad_pred = _ops.l2_loss_bwd(grad_loss, grad)
+    return (grad_pred if need_pred else None, -grad_pred if need_target else None, None, None)
+
+
+torch.library.register_autograd(
+    "twolayer_ext::l2_loss_fwd", _l2_loss_backward, setup_context=_l2_loss_setup_context)
+
+
+def _refuse_double_backward(public_name):
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"twolayer_ext: double backward (create_graph=True, then a second backward) through "
+            f"{public_name} is not supported; use the torch reference implementation for "
+            f"higher-order gradients")
+    return backward
+
+
+for _op, _public in (("two_layer_bwd", "two_layer"), ("l2_loss_bwd", "l2_loss")):
+    torch.library.register_autograd(
+        f"twolayer_ext::{_op}", _refuse_double_backward(_public),
+        setup_context=lambda ctx, inputs, output: None)
