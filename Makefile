@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY          = $(VENV)/bin/python
 DEPS        = "$(TORCH_SPEC)" numpy pytest hypothesis ninja setuptools wheel matplotlib scikit-learn
 
-.PHONY: all setup build test demo clean
+.PHONY: all setup build test demo bench cuda-check sanitize clean
 all: test
 
 # Creates or refreshes the venv (pip is a no-op when everything is already there).
@@ -26,6 +26,17 @@ test: build
 
 demo: build
 	$(PY) -m twolayer_ext.train
+
+bench: build
+	$(PY) -m twolayer_ext.bench
+
+# Compiles the CUDA build with no GPU (own venv with a CUDA torch); see tools/cuda_check.sh.
+cuda-check:
+	bash tools/cuda_check.sh
+
+# ASan/UBSan build of the extension, then the test suite under it; see tools/sanitize.sh.
+sanitize: setup
+	bash tools/sanitize.sh
 
 clean:
 	rm -rf build *.egg-info twolayer_ext/*.so twolayer_ext/_build_info.py build.log

@@ -30,6 +30,11 @@ Grads5 two_layer_bwd(const at::Tensor& grad_y, const OptTensor& x, const OptTens
 std::tuple<at::Tensor, OptTensor> l2_loss_fwd(const at::Tensor& pred, const at::Tensor& target,
                                               c10::string_view reduction, bool need_grad);
 at::Tensor l2_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& grad);
+// One SGD step: forward, loss, backward at the current weights, then w -= lr * grad in
+// place for w1, w2 and the biases present. Returns the loss before the update.
+at::Tensor sgd_step(const at::Tensor& x, const at::Tensor& target, const at::Tensor& w1,
+                    const at::Tensor& w2, const OptTensor& b1, const OptTensor& b2, double lr,
+                    c10::string_view reduction);
 }  // namespace cpu
 
 #ifdef TWOLAYER_WITH_CUDA
@@ -42,6 +47,11 @@ Grads5 two_layer_bwd(const at::Tensor& grad_y, const OptTensor& x, const OptTens
 std::tuple<at::Tensor, OptTensor> l2_loss_fwd(const at::Tensor& pred, const at::Tensor& target,
                                               c10::string_view reduction, bool need_grad);
 at::Tensor l2_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& grad);
+// One SGD step: forward, loss, backward at the current weights, then w -= lr * grad in
+// place for w1, w2 and the biases present. Returns the loss before the update.
+at::Tensor sgd_step(const at::Tensor& x, const at::Tensor& target, const at::Tensor& w1,
+                    const at::Tensor& w2, const OptTensor& b1, const OptTensor& b2, double lr,
+                    c10::string_view reduction);
 }  // namespace cuda
 #endif
 

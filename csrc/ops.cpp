@@ -23,6 +23,9 @@ TORCH_LIBRARY(twolayer_ext, m) {
   m.def("l2_loss_fwd(Tensor pred, Tensor target, str reduction, bool need_grad) -> (Tensor loss, Tensor? grad)");
   // grad_loss (0-dim) * grad: the loss backward, a separate op so that double backward fails loudly.
   m.def("l2_loss_bwd(Tensor grad_loss, Tensor grad) -> Tensor");
+  // Forward, loss, backward and w -= lr * grad for every weight, in one call (weights mutated).
+  m.def("sgd_step(Tensor x, Tensor target, Tensor(a!) w1, Tensor(b!) w2, Tensor(c!)? b1,"
+        " Tensor(d!)? b2, float lr, str reduction) -> Tensor loss");
 }
 
 TORCH_LIBRARY_IMPL(twolayer_ext, CPU, m) {
@@ -30,6 +33,7 @@ TORCH_LIBRARY_IMPL(twolayer_ext, CPU, m) {
   m.impl("two_layer_bwd", &twolayer::cpu::two_layer_bwd);
   m.impl("l2_loss_fwd", &twolayer::cpu::l2_loss_fwd);
   m.impl("l2_loss_bwd", &twolayer::cpu::l2_loss_bwd);
+  m.impl("sgd_step", &twolayer::cpu::sgd_step);
 }
 
 #ifdef TWOLAYER_WITH_CUDA
@@ -38,5 +42,6 @@ TORCH_LIBRARY_IMPL(twolayer_ext, CUDA, m) {
   m.impl("two_layer_bwd", &twolayer::cuda::two_layer_bwd);
   m.impl("l2_loss_fwd", &twolayer::cuda::l2_loss_fwd);
   m.impl("l2_loss_bwd", &twolayer::cuda::l2_loss_bwd);
+  m.impl("sgd_step", &twolayer::cuda::sgd_step);
 }
 #endif

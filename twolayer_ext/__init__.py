@@ -8,7 +8,7 @@ The numpy and autograd oracles they are validated against are in twolayer_ext.re
 """
 from ._loader import BUILD_INFO, available_devices
 from .module import TwoLayerNet
-from .ops import l2_loss, two_layer
+from .ops import l2_loss, sgd_step, two_layer
 
-__all__ = ["two_layer", "l2_loss", "TwoLayerNet", "available_devices", "BUILD_INFO"]
+__all__ = ["two_layer", "l2_loss", "sgd_step", "TwoLayerNet", "available_devices", "BUILD_INFO"]
 __version__ = "0.1.0"

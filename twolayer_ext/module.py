@@ -5,7 +5,7 @@ import math
 import torch
 from torch import nn
 
-from .ops import two_layer
+from .ops import sgd_step, two_layer
 
 
 class TwoLayerNet(nn.Module):
@@ -38,6 +38,11 @@ class TwoLayerNet(nn.Module):
 
     def forward(self, x):
         return two_layer(x, self.w1, self.w2, self.b1, self.b2)
+
+    def sgd_step(self, x, target, lr, reduction="sum"):
+        """One fused SGD step on this module's weights (see twolayer_ext.sgd_step); returns the
+        loss before the update."""
+        return sgd_step(x, target, self.w1, self.w2, self.b1, self.b2, lr=lr, reduction=reduction)
 
     def extra_repr(self):
         return f"D_in={self.D_in}, H={self.H}, D_out={self.D_out}, bias={self.b1 is not None}"

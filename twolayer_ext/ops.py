@@ -156,3 +156,40 @@ for _op, _public in (("two_layer_bwd", "two_layer"), ("l2_loss_bwd", "l2_loss"))
     torch.library.register_autograd(
         f"twolayer_ext::{_op}", _refuse_double_backward(_public),
         setup_context=lambda ctx, inputs, output: None)
+
+
+# ---- one-call SGD step ----------------------------------------------------------------------
+
+def sgd_step(x, target, w1, w2, b1=None, b2=None, *, lr, reduction="sum"):
+    """One SGD step in one op call: forward, l2 loss, backward, and w -= lr * grad in place
+    for w1, w2 and the biases given. Returns the loss before the update (0-dim, no grad).
+
+    The same weights as two_layer + l2_loss + autograd + `w -= lr * w.grad`. Like
+    torch.optim.SGD.step() it updates under no_grad, so leaf parameters with requires_grad are
+    fine (their .grad is left alone); a weight that is a non-leaf inside an autograd graph is
+    refused, since updating it in place would corrupt that graph.
+    """
+    for name, value in (("x", x), ("target", target), ("w1", w1), ("w2", w2)):
+        _require_tensor("sgd_step", name, value)
+    _require_tensor("sgd_step", "b1", b1, optional=True)
+    _require_tensor("sgd_step", "b2", b2, optional=True)
+    _require_reduction("sgd_step", reduction)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+        raise TypeError(f"sgd_step: lr must be a float, got {type(lr).__name__}")
+    if not (lr >= 0 and lr != float("inf")):
+        raise ValueError(f"sgd_step: lr must be a finite number >= 0, got {lr}")
+    if torch.is_grad_enabled():
+        for name, w in (("w1", w1), ("w2", w2), ("b1", b1), ("b2", b2)):
+            if w is not None and w.requires_grad and not w.is_leaf:
+                raise RuntimeError(
+                    f"sgd_step: {name} is a non-leaf tensor inside an autograd graph; updating "
+                    f"it in place would corrupt that graph. Pass the leaf parameter, or call "
+                    f"under torch.no_grad() on tensors you own")
+    with torch.no_grad():
+        return _ops.sgd_step(x, target, w1, w2, b1, b2, float(lr), reduction)
+
+
+@torch.library.register_fake("twolayer_ext::sgd_step")
+def _sgd_step_fake(x, target, w1, w2, b1, b2, lr, reduction):
+    _fake_check_like("sgd_step", "target", target, "x", x)
+    return x.new_empty(())

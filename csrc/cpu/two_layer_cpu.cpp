@@ -170,4 +170,39 @@ at::Tensor l2_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& grad) {
   return at::mul(grad, grad_loss.reshape({}));
 }
 
+at::Tensor sgd_step(const at::Tensor& x, const at::Tensor& target, const at::Tensor& w1,
+                    const at::Tensor& w2, const OptTensor& b1, const OptTensor& b2, double lr,
+                    c10::string_view reduction) {
+  constexpr const char* op = "sgd_step";
+  const Dims d = check_two_layer_args(op, x, w1, b1, w2, b2);
+  check_like(op, "target", target, "x", x);
+  check_shape(op, "target", target, {d.N, d.D_out}, "[N, D_out]");
+  TORCH_CHECK_VALUE(std::isfinite(lr) && lr >= 0, op, ": lr must be a finite number >= 0, got ",
+                    lr);
+  parse_reduction(op, reduction);
+  const at::Tensor* no = nullptr;
+  const at::Tensor* pb1 = b1 ? &*b1 : no;
+  const at::Tensor* pb2 = b2 ? &*b2 : no;
+  check_writable_and_disjoint(op, "w1", w1, {{"x", &x}, {"target", &target}, {"w2", &w2},
+                                             {"b1", pb1}, {"b2", pb2}});
+  check_writable_and_disjoint(op, "w2", w2, {{"x", &x}, {"target", &target}, {"b1", pb1},
+                                             {"b2", pb2}});
+  if (b1) check_writable_and_disjoint(op, "b1", *b1, {{"x", &x}, {"target", &target}, {"b2", pb2}});
+  if (b2) check_writable_and_disjoint(op, "b2", *b2, {{"x", &x}, {"target", &target}});
+
+  auto [y, act] = two_layer_fwd(x, w1, w2, b1, b2);
+  auto [loss, grad_y] = l2_loss_fwd(y, target, reduction, /*need_grad=*/true);
+  // Every gradient is taken at the old weights: grad_h reads w2 before w2 is updated.
+  auto grad_h = at::mm(*grad_y, w2.t());
+  AT_DISPATCH_FLOATING_TYPES(act.scalar_type(), "sgd_step", [&] {
+    apply_relu_mask(grad_h.data_ptr<scalar_t>(), act.data_ptr<scalar_t>(), grad_h.numel());
+  });
+  // w -= lr * grad with the update in the GEMM's epilogue (beta = 1, alpha = -lr).
+  const_cast<at::Tensor&>(w2).addmm_(act.t(), *grad_y, 1.0, -lr);
+  const_cast<at::Tensor&>(w1).addmm_(x.t(), grad_h, 1.0, -lr);
+  if (b2) const_cast<at::Tensor&>(*b2).add_(at::sum(*grad_y, 0), -lr);
+  if (b1) const_cast<at::Tensor&>(*b1).add_(at::sum(grad_h, 0), -lr);
+  return loss;
+}
+
 }  // namespace twolayer::cpu
