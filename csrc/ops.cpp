@@ -26,6 +26,11 @@ TORCH_LIBRARY(twolayer_ext, m) {
   // Forward, loss, backward and w -= lr * grad for every weight, in one call (weights mutated).
   m.def("sgd_step(Tensor x, Tensor target, Tensor(a!) w1, Tensor(b!) w2, Tensor(c!)? b1,"
         " Tensor(d!)? b2, float lr, str reduction) -> Tensor loss");
+  // Process-wide choice of CPU kernel variant ("tuned" or "reference"), for experiments.
+  m.def("set_cpu_kernel(str name) -> str", [](c10::string_view name) {
+    return twolayer::cpu::set_kernel_variant(name);
+  });
+  m.def("cpu_kernel_info() -> str", [] { return twolayer::cpu::kernel_info(); });
 }
 
 TORCH_LIBRARY_IMPL(twolayer_ext, CPU, m) {

@@ -11,6 +11,13 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
 TORCH_DTYPE = {"float32": torch.float32, "float64": torch.float64}
 
 
+@pytest.fixture(params=twolayer_ext.CPU_KERNELS)
+def cpu_kernel(request):
+    """Runs a test once per CPU kernel variant (use with pytestmark usefixtures)."""
+    with twolayer_ext.use_cpu_kernel(request.param):
+        yield request.param
+
+
 @pytest.fixture(params=DEVICES)
 def device(request):
     return request.param

@@ -8,6 +8,8 @@ from twolayer_ext import reference as R
 
 from conftest import assert_close_np, problem
 
+pytestmark = pytest.mark.usefixtures("cpu_kernel")  # every test, both CPU variants
+
 
 def fwd_bwd(x, w1, w2, b1=None, b2=None):
     tensors = [t for t in (x, w1, w2, b1, b2) if t is not None]

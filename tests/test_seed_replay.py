@@ -1,9 +1,12 @@
 """The tutorial's 500 SGD steps in float64: ours replays the numpy loop step for step."""
 import numpy as np
+import pytest
 import torch
 
 import twolayer_ext as tl
 from twolayer_ext import reference as R
+
+pytestmark = pytest.mark.usefixtures("cpu_kernel")  # every test, both CPU variants
 
 STEPS, LR = 500, 1e-6
 

@@ -8,6 +8,8 @@ from twolayer_ext import reference as R
 
 from conftest import problem, to_torch
 
+pytestmark = pytest.mark.usefixtures("cpu_kernel")  # every test, both CPU variants
+
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("reduction", ["sum", "mean"])

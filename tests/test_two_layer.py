@@ -8,6 +8,8 @@ from twolayer_ext import reference as R
 
 from conftest import TORCH_DTYPE, assert_close_np, problem, to_torch
 
+pytestmark = pytest.mark.usefixtures("cpu_kernel")  # every test, both CPU variants
+
 SHAPES = [(64, 1000, 100, 10), (7, 13, 5, 3), (1, 4, 3, 2), (33, 65, 129, 17)]
 PARAM_ORDER = ("w1", "w2", "b1", "b2")
 

@@ -1,5 +1,7 @@
 """Python face of the custom ops: the public functions, their fake (meta) kernels
 for torch.compile, and their autograd formulas. The kernels are in csrc/."""
+import contextlib
+
 import torch
 
 from . import _loader  # noqa: F401  (loads _C, which registers the ops)
@@ -49,6 +51,35 @@ def l2_loss(pred, target, reduction="sum"):
     need_grad = torch.is_grad_enabled() and (pred.requires_grad or target.requires_grad)
     loss, _ = _ops.l2_loss_fwd(pred, target, reduction, need_grad)
     return loss
+
+
+# ---- CPU kernel variants ----------------------------------------------------------------------
+
+CPU_KERNELS = ("tuned", "reference")
+
+
+def set_cpu_kernel(name):
+    """Selects the CPU kernels every op uses from now on: "tuned" (the default: blocked AVX2/FMA
+    GEMMs with fused epilogues) or "reference" (plain loops, for checking and experiments).
+    Returns the previous name. The environment variable TWOLAYER_CPU_KERNEL sets the start."""
+    if name not in CPU_KERNELS:
+        raise ValueError(f"set_cpu_kernel: name must be one of {CPU_KERNELS}, got {name!r}")
+    return _ops.set_cpu_kernel(name)
+
+
+def cpu_kernel_info():
+    """The CPU kernel variant in use, the GEMM micro-kernel's ISA and the thread count."""
+    return _ops.cpu_kernel_info()
+
+
+@contextlib.contextmanager
+def use_cpu_kernel(name):
+    """with use_cpu_kernel("reference"): ...  (restores the previous variant on exit)"""
+    previous = set_cpu_kernel(name)
+    try:
+        yield
+    finally:
+        set_cpu_kernel(previous)
 
 
 # ---- fake kernels: shapes, dtypes, devices and strides of the real ones -----------------------

@@ -1,50 +1,77 @@
-// CPU kernels: GEMMs through ATen's BLAS, each followed by its fused
-// elementwise epilogue in one parallel pass (bias in the GEMM via addmm, the
-// ReLU and its sign-bit mask in one write, the loss and its gradient in one read).
+// CPU op entry points: check the arguments, allocate the outputs, then hand
+// raw strided views to the selected kernel variant (tuned or reference; see
+// set_kernel_variant). The L2 loss, one pass for both variants, lives here too.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
 #include <ATen/ops/mul.h>
-#include <ATen/ops/sum.h>
 
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
+#include <string>
+#include <type_traits>
 #include <vector>
 
-#include "../checks.h"
 #include "../kernels.h"
+#include "cpu_impl.h"
 
 namespace twolayer::cpu {
 
 namespace {
 
+enum class Variant : int { Tuned = 0, Reference = 1 };
+
+Variant variant_from_name(c10::string_view name) {
+  if (name == "tuned") return Variant::Tuned;
+  if (name == "reference") return Variant::Reference;
+  TORCH_CHECK_VALUE(false, "set_cpu_kernel: name must be \"tuned\" or \"reference\", got \"",
+                    std::string(name.data(), name.size()), "\"");
+}
+
+// Starts from TWOLAYER_CPU_KERNEL (tuned if unset), changed by set_kernel_variant.
+std::atomic<int>& current_variant() {
+  static std::atomic<int> v{[] {
+    const char* env = std::getenv("TWOLAYER_CPU_KERNEL");
+    return int(env && *env ? variant_from_name(env) : Variant::Tuned);
+  }()};
+  return v;
+}
+
+bool use_reference() { return current_variant().load() == int(Variant::Reference); }
+
+template <typename T>
+View<T> view(const at::Tensor& t) {
+  return {t.data_ptr<T>(), t.stride(0), t.stride(1)};
+}
+template <typename T>
+MutView<T> mut_view(const at::Tensor& t) {
+  return {t.data_ptr<T>(), t.stride(0), t.stride(1)};
+}
+template <typename T>
+Bias<T> bias(const OptTensor& b) {
+  if (!b) return {nullptr, 0};
+  return {b->data_ptr<std::remove_const_t<T>>(), b->stride(0)};
+}
+
 constexpr int64_t kElementwiseGrain = 1 << 15;
 
-// act = h < 0 ? -0.0 : |h|  (see kernels.h for why the sign bit is the mask).
-template <typename T>
-void relu_with_sign_mask(T* act, int64_t n) {
-  at::parallel_for(0, n, kElementwiseGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const T v = act[i];
-      act[i] = v < T(0) ? -T(0) : std::abs(v);
-    }
-  });
+}  // namespace
+
+std::string set_kernel_variant(c10::string_view name) {
+  const Variant v = variant_from_name(name);
+  return current_variant().exchange(int(v)) == int(Variant::Reference) ? "reference" : "tuned";
 }
 
-// g = 0 where act's sign bit says the ReLU blocked the gradient.
-template <typename T>
-void apply_relu_mask(T* g, const T* act, int64_t n) {
-  at::parallel_for(0, n, kElementwiseGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) g[i] = std::signbit(act[i]) ? T(0) : g[i];
-  });
+std::string kernel_info() {
+  return std::string(use_reference() ? "reference" : "tuned") + " (gemm micro-kernel: " +
+         micro_kernel_isa() + ", threads: " + std::to_string(at::get_num_threads()) + ")";
 }
 
-// Sum of squares of (p - t) and, if g != nullptr, g = scale2 * (p - t), in one
-// read. Partial sums over fixed chunks, added in chunk order: the result is
-// the same bits for any thread count. Accumulates in double.
 template <typename T>
 double squared_error_sum(const T* p, const T* t, T* g, T scale2, int64_t n) {
+  // Fixed chunks, partial sums added pairwise in chunk order: the same bits for
+  // any thread count, and O(log n) error growth for very large losses.
   constexpr int64_t kChunk = 4096;
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   std::vector<double> partial(chunks, 0.0);
@@ -69,24 +96,12 @@ double squared_error_sum(const T* p, const T* t, T* g, T scale2, int64_t n) {
                    ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
     }
   });
-  // Pairwise over chunks keeps the error O(log n) for very large losses.
   for (int64_t width = 1; width < chunks; width *= 2)
     for (int64_t c = 0; c + width < chunks; c += 2 * width) partial[c] += partial[c + width];
   return chunks ? partial[0] : 0.0;
 }
-
-void check_grad_y(const at::Tensor& grad_y, const at::Tensor& act, const at::Tensor& w2) {
-  constexpr const char* op = "two_layer (backward)";
-  TORCH_CHECK_VALUE(act.dim() == 2, op, ": act must be 2-D [N, H], got ", act.dim(), "-D");
-  check_float(op, "act", act);
-  TORCH_CHECK_VALUE(w2.dim() == 2 && w2.size(0) == act.size(1), op,
-                    ": w2 must have shape [H, D_out] with H = ", act.size(1));
-  check_like(op, "w2", w2, "act", act);
-  check_like(op, "grad_y", grad_y, "act", act);
-  check_shape(op, "grad_y", grad_y, {act.size(0), w2.size(1)}, "[N, D_out]");
-}
-
-}  // namespace
+template double squared_error_sum<float>(const float*, const float*, float*, float, int64_t);
+template double squared_error_sum<double>(const double*, const double*, double*, double, int64_t);
 
 std::tuple<at::Tensor, at::Tensor> two_layer_fwd(const at::Tensor& x, const at::Tensor& w1,
                                                  const at::Tensor& w2, const OptTensor& b1,
@@ -94,44 +109,60 @@ std::tuple<at::Tensor, at::Tensor> two_layer_fwd(const at::Tensor& x, const at::
   const Dims d = check_two_layer_args("two_layer", x, w1, b1, w2, b2);
   auto act = at::empty({d.N, d.H}, x.options());
   auto y = at::empty({d.N, d.D_out}, x.options());
-  // Bias enters as the GEMM's C input (beta = 1), not as a pass of its own.
-  if (b1) at::addmm_out(act, b1->expand({d.N, d.H}), x, w1);
-  else at::mm_out(act, x, w1);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "two_layer_fwd", [&] {
-    relu_with_sign_mask(act.data_ptr<scalar_t>(), act.numel());
+    using T = scalar_t;
+    const ForwardArgs<T> a{d, view<T>(x), view<T>(w1), view<T>(w2), bias<const T>(b1),
+                           bias<const T>(b2), act.data_ptr<T>(), y.data_ptr<T>()};
+    use_reference() ? reference::forward(a) : tuned::forward(a);
   });
-  if (b2) at::addmm_out(y, b2->expand({d.N, d.D_out}), act, w2);
-  else at::mm_out(y, act, w2);
   return {y, act};
 }
 
 Grads5 two_layer_bwd(const at::Tensor& grad_y, const OptTensor& x, const OptTensor& w1,
                      const at::Tensor& w2, const at::Tensor& act, std::array<bool, 5> output_mask) {
-  check_grad_y(grad_y, act, w2);
+  constexpr const char* op = "two_layer (backward)";
+  TORCH_CHECK_VALUE(act.dim() == 2, op, ": act must be 2-D [N, H], got ", act.dim(), "-D");
+  check_float(op, "act", act);
+  TORCH_CHECK_VALUE(act.is_contiguous(), op, ": act must be the contiguous tensor two_layer_fwd returned");
+  TORCH_CHECK_VALUE(w2.dim() == 2 && w2.size(0) == act.size(1), op,
+                    ": w2 must have shape [H, D_out] with H = ", act.size(1), ", got ", w2.sizes());
+  check_like(op, "w2", w2, "act", act);
+  TORCH_CHECK_VALUE(grad_y.dim() == 2, op, ": grad_y must be 2-D [N, D_out]");
+  check_like(op, "grad_y", grad_y, "act", act);
+  check_shape(op, "grad_y", grad_y, {act.size(0), w2.size(1)}, "[N, D_out]");
   const auto [need_x, need_w1, need_b1, need_w2, need_b2] = output_mask;
-  OptTensor grad_x, grad_w1, grad_b1, grad_w2, grad_b2;
-  if (need_w2) grad_w2 = at::mm(act.t(), grad_y);
-  if (need_b2) grad_b2 = at::sum(grad_y, 0);
-  if (need_x || need_w1 || need_b1) {
-    auto grad_h = at::mm(grad_y, w2.t());
-    AT_DISPATCH_FLOATING_TYPES(act.scalar_type(), "two_layer_bwd", [&] {
-      apply_relu_mask(grad_h.data_ptr<scalar_t>(), act.contiguous().data_ptr<scalar_t>(),
-                      grad_h.numel());
-    });
-    if (need_w1) {
-      TORCH_CHECK_VALUE(x.has_value(), "two_layer (backward): x is needed for grad_w1");
-      check_like("two_layer (backward)", "x", *x, "act", act);
-      check_shape("two_layer (backward)", "x", *x, {act.size(0), x->size(-1)}, "[N, D_in]");
-      grad_w1 = at::mm(x->t(), grad_h);
-    }
-    if (need_b1) grad_b1 = at::sum(grad_h, 0);
-    if (need_x) {
-      TORCH_CHECK_VALUE(w1.has_value(), "two_layer (backward): w1 is needed for grad_x");
-      check_like("two_layer (backward)", "w1", *w1, "act", act);
-      check_shape("two_layer (backward)", "w1", *w1, {w1->size(0), act.size(1)}, "[D_in, H]");
-      grad_x = at::mm(grad_h, w1->t());
-    }
+  const int64_t N = act.size(0), H = act.size(1), D_out = w2.size(1);
+  int64_t D_in = 0;
+  if (need_w1) {
+    TORCH_CHECK_VALUE(x.has_value() && x->dim() == 2, op, ": x [N, D_in] is needed for grad_w1");
+    check_like(op, "x", *x, "act", act);
+    D_in = x->size(1);
+    check_shape(op, "x", *x, {N, D_in}, "[N, D_in]");
   }
+  if (need_x) {
+    TORCH_CHECK_VALUE(w1.has_value() && w1->dim() == 2, op, ": w1 [D_in, H] is needed for grad_x");
+    check_like(op, "w1", *w1, "act", act);
+    D_in = w1->size(0);
+    check_shape(op, "w1", *w1, {D_in, H}, "[D_in, H]");
+  }
+  if (need_w1 && need_x)
+    TORCH_CHECK_VALUE(x->size(1) == w1->size(0), op, ": x and w1 disagree on D_in");
+  const auto opts = act.options();
+  OptTensor grad_x, grad_w1, grad_b1, grad_w2, grad_b2;
+  if (need_x) grad_x = at::empty({N, D_in}, opts);
+  if (need_w1) grad_w1 = at::empty({D_in, H}, opts);
+  if (need_b1) grad_b1 = at::empty({H}, opts);
+  if (need_w2) grad_w2 = at::empty({H, D_out}, opts);
+  if (need_b2) grad_b2 = at::empty({D_out}, opts);
+  AT_DISPATCH_FLOATING_TYPES(act.scalar_type(), "two_layer_bwd", [&] {
+    using T = scalar_t;
+    auto ptr = [](OptTensor& t) { return t ? t->data_ptr<T>() : nullptr; };
+    const View<T> none{nullptr, 0, 0};
+    const BackwardArgs<T> a{{N, D_in, H, D_out}, view<T>(grad_y), need_w1 ? view<T>(*x) : none,
+                            need_x ? view<T>(*w1) : none, view<T>(w2), act.data_ptr<T>(),
+                            ptr(grad_x), ptr(grad_w1), ptr(grad_b1), ptr(grad_w2), ptr(grad_b2)};
+    use_reference() ? reference::backward(a) : tuned::backward(a);
+  });
   return {grad_x, grad_w1, grad_b1, grad_w2, grad_b2};
 }
 
@@ -179,29 +210,22 @@ at::Tensor sgd_step(const at::Tensor& x, const at::Tensor& target, const at::Ten
   check_shape(op, "target", target, {d.N, d.D_out}, "[N, D_out]");
   TORCH_CHECK_VALUE(std::isfinite(lr) && lr >= 0, op, ": lr must be a finite number >= 0, got ",
                     lr);
-  parse_reduction(op, reduction);
-  const at::Tensor* no = nullptr;
-  const at::Tensor* pb1 = b1 ? &*b1 : no;
-  const at::Tensor* pb2 = b2 ? &*b2 : no;
+  const bool mean = parse_reduction(op, reduction) == Reduction::Mean;
+  const at::Tensor* pb1 = b1 ? &*b1 : nullptr;
+  const at::Tensor* pb2 = b2 ? &*b2 : nullptr;
   check_writable_and_disjoint(op, "w1", w1, {{"x", &x}, {"target", &target}, {"w2", &w2},
                                              {"b1", pb1}, {"b2", pb2}});
   check_writable_and_disjoint(op, "w2", w2, {{"x", &x}, {"target", &target}, {"b1", pb1},
                                              {"b2", pb2}});
   if (b1) check_writable_and_disjoint(op, "b1", *b1, {{"x", &x}, {"target", &target}, {"b2", pb2}});
   if (b2) check_writable_and_disjoint(op, "b2", *b2, {{"x", &x}, {"target", &target}});
-
-  auto [y, act] = two_layer_fwd(x, w1, w2, b1, b2);
-  auto [loss, grad_y] = l2_loss_fwd(y, target, reduction, /*need_grad=*/true);
-  // Every gradient is taken at the old weights: grad_h reads w2 before w2 is updated.
-  auto grad_h = at::mm(*grad_y, w2.t());
-  AT_DISPATCH_FLOATING_TYPES(act.scalar_type(), "sgd_step", [&] {
-    apply_relu_mask(grad_h.data_ptr<scalar_t>(), act.data_ptr<scalar_t>(), grad_h.numel());
+  auto loss = at::empty({}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sgd_step", [&] {
+    using T = scalar_t;
+    const StepArgs<T> s{d, view<T>(x), view<T>(target), mut_view<T>(w1), mut_view<T>(w2),
+                        bias<T>(b1), bias<T>(b2), T(lr), mean};
+    loss.fill_(use_reference() ? reference::sgd_step(s) : tuned::sgd_step(s));
   });
-  // w -= lr * grad with the update in the GEMM's epilogue (beta = 1, alpha = -lr).
-  const_cast<at::Tensor&>(w2).addmm_(act.t(), *grad_y, 1.0, -lr);
-  const_cast<at::Tensor&>(w1).addmm_(x.t(), grad_h, 1.0, -lr);
-  if (b2) const_cast<at::Tensor&>(*b2).add_(at::sum(*grad_y, 0), -lr);
-  if (b1) const_cast<at::Tensor&>(*b1).add_(at::sum(grad_h, 0), -lr);
   return loss;
 }
 

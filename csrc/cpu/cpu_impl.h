@@ -1,0 +1,79 @@
+// What the CPU kernel variants share: raw strided views of the op arguments,
+// and the two implementations (tuned, reference) behind the op entry points in
+// two_layer_cpu.cpp, which check arguments, allocate outputs and pick one.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "../checks.h"
+#include "gemm.h"
+
+namespace twolayer::cpu {
+
+template <typename T>
+struct MutView {  // a writable strided 2-D view
+  T* p;
+  int64_t rs, cs;
+  T& operator()(int64_t i, int64_t j) const { return p[i * rs + j * cs]; }
+};
+
+template <typename T>
+struct Bias {  // an optional strided vector (p == nullptr: absent)
+  T* p;
+  int64_t stride;
+  explicit operator bool() const { return p != nullptr; }
+  T& operator[](int64_t j) const { return p[j * stride]; }
+};
+
+template <typename T>
+struct ForwardArgs {
+  Dims d;
+  View<T> x, w1, w2;
+  Bias<const T> b1, b2;
+  T* act;  // [N, H] row-major: ReLU output, mask in the sign bit (kernels.h)
+  T* y;    // [N, D_out] row-major
+};
+
+template <typename T>
+struct BackwardArgs {
+  Dims d;
+  View<T> grad_y, x, w1, w2;  // x, w1 only read when grad_w1 / grad_x are wanted
+  const T* act;               // [N, H] row-major
+  T *grad_x, *grad_w1, *grad_b1, *grad_w2, *grad_b2;  // row-major; nullptr: not wanted
+};
+
+template <typename T>
+struct StepArgs {
+  Dims d;
+  View<T> x, target;
+  MutView<T> w1, w2;
+  Bias<T> b1, b2;
+  T lr;
+  bool mean;  // reduction "mean" (else "sum")
+};
+
+// Both variants compute the same thing; `tuned` is the fast one, `reference` the readable one.
+namespace tuned {
+template <typename T> void forward(const ForwardArgs<T>& a);
+template <typename T> void backward(const BackwardArgs<T>& a);
+template <typename T> double sgd_step(const StepArgs<T>& a);  // returns the loss
+}  // namespace tuned
+namespace reference {
+template <typename T> void forward(const ForwardArgs<T>& a);
+template <typename T> void backward(const BackwardArgs<T>& a);
+template <typename T> double sgd_step(const StepArgs<T>& a);
+}  // namespace reference
+
+// The sum of squares of (p - t) over n contiguous elements, in double, the same
+// bits for any thread count; if g != nullptr also g = scale2 * (p - t).
+template <typename T>
+double squared_error_sum(const T* p, const T* t, T* g, T scale2, int64_t n);
+
+// The ReLU with its mask in the sign bit: h < 0 ? -0.0 : |h| (NaN kept, sign cleared).
+template <typename T>
+inline T relu_with_sign_mask(T h) {
+  return h < T(0) ? -T(0) : std::abs(h);
+}
+
+}  // namespace twolayer::cpu

@@ -1,0 +1,112 @@
+// The reference CPU kernels: plain loops, written to be read and trusted, not
+// to be fast. Rows are split across threads; everything else is the textbook
+// formula, in the tutorial's order.
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "cpu_impl.h"
+
+namespace twolayer::cpu::reference {
+
+namespace {
+
+// C[M, N] = A[M, K] @ B[K, N] into row-major C.
+template <typename T>
+void matmul(int64_t M, int64_t N, int64_t K, View<T> A, View<T> B, T* C) {
+  at::parallel_for(0, M, 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      T* c = C + i * N;
+      for (int64_t j = 0; j < N; ++j) c[j] = T(0);
+      for (int64_t k = 0; k < K; ++k) {
+        const T a = A.p[i * A.rs + k * A.cs];
+        for (int64_t j = 0; j < N; ++j) c[j] += a * B.p[k * B.rs + j * B.cs];
+      }
+    }
+  });
+}
+
+template <typename T>
+void column_sums(const T* g, int64_t rows, int64_t cols, T* out) {
+  for (int64_t j = 0; j < cols; ++j) out[j] = T(0);
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) out[j] += g[i * cols + j];
+}
+
+template <typename T>
+View<T> row_major(const T* p, int64_t cols) {
+  return {p, cols, 1};
+}
+
+}  // namespace
+
+template <typename T>
+void forward(const ForwardArgs<T>& a) {
+  const Dims d = a.d;
+  matmul(d.N, d.H, d.D_in, a.x, a.w1, a.act);  // h = x @ w1
+  for (int64_t i = 0; i < d.N; ++i)
+    for (int64_t j = 0; j < d.H; ++j) {
+      T& h = a.act[i * d.H + j];
+      if (a.b1) h += a.b1[j];
+      h = relu_with_sign_mask(h);
+    }
+  matmul(d.N, d.D_out, d.H, row_major<T>(a.act, d.H), a.w2, a.y);  // y = relu(h) @ w2
+  if (a.b2)
+    for (int64_t i = 0; i < d.N; ++i)
+      for (int64_t j = 0; j < d.D_out; ++j) a.y[i * d.D_out + j] += a.b2[j];
+}
+
+template <typename T>
+void backward(const BackwardArgs<T>& a) {
+  const Dims d = a.d;
+  const View<T> act = row_major<T>(a.act, d.H);
+  if (a.grad_w2) matmul(d.H, d.D_out, d.N, act.t(), a.grad_y, a.grad_w2);
+  if (a.grad_b2) {
+    std::vector<T> g(d.N * d.D_out);
+    for (int64_t i = 0; i < d.N; ++i)
+      for (int64_t j = 0; j < d.D_out; ++j) g[i * d.D_out + j] = a.grad_y.p[i * a.grad_y.rs + j * a.grad_y.cs];
+    column_sums(g.data(), d.N, d.D_out, a.grad_b2);
+  }
+  if (!a.grad_x && !a.grad_w1 && !a.grad_b1) return;
+  std::vector<T> grad_h(d.N * d.H);
+  matmul(d.N, d.H, d.D_out, a.grad_y, a.w2.t(), grad_h.data());  // grad_y @ w2^T
+  for (int64_t i = 0; i < d.N * d.H; ++i)
+    if (std::signbit(a.act[i])) grad_h[i] = T(0);  // grad_h[h < 0] = 0
+  const View<T> gh = row_major<T>(grad_h.data(), d.H);
+  if (a.grad_w1) matmul(d.D_in, d.H, d.N, a.x.t(), gh, a.grad_w1);
+  if (a.grad_b1) column_sums(grad_h.data(), d.N, d.H, a.grad_b1);
+  if (a.grad_x) matmul(d.N, d.D_in, d.H, gh, a.w1.t(), a.grad_x);
+}
+
+template <typename T>
+double sgd_step(const StepArgs<T>& s) {
+  const Dims d = s.d;
+  std::vector<T> act(d.N * d.H), y(d.N * d.D_out), t(d.N * d.D_out), grad_y(d.N * d.D_out);
+  std::vector<T> gw1(d.D_in * d.H), gb1(d.H), gw2(d.H * d.D_out), gb2(d.D_out);
+  const View<T> w1{s.w1.p, s.w1.rs, s.w1.cs}, w2{s.w2.p, s.w2.rs, s.w2.cs};
+  forward<T>({d, s.x, w1, w2, {s.b1.p, s.b1.stride}, {s.b2.p, s.b2.stride}, act.data(), y.data()});
+  for (int64_t i = 0; i < d.N; ++i)
+    for (int64_t j = 0; j < d.D_out; ++j) t[i * d.D_out + j] = s.target.p[i * s.target.rs + j * s.target.cs];
+  const double n = double(d.N * d.D_out);
+  const T scale2 = T(s.mean ? 2.0 / n : 2.0);
+  const double total = squared_error_sum<T>(y.data(), t.data(), grad_y.data(), scale2, d.N * d.D_out);
+  backward<T>({d, row_major<T>(grad_y.data(), d.D_out), s.x, w1, w2, act.data(), nullptr,
+               gw1.data(), s.b1 ? gb1.data() : nullptr, gw2.data(), s.b2 ? gb2.data() : nullptr});
+  for (int64_t i = 0; i < d.D_in; ++i)
+    for (int64_t j = 0; j < d.H; ++j) s.w1(i, j) -= s.lr * gw1[i * d.H + j];
+  for (int64_t i = 0; i < d.H; ++i)
+    for (int64_t j = 0; j < d.D_out; ++j) s.w2(i, j) -= s.lr * gw2[i * d.D_out + j];
+  if (s.b1) for (int64_t j = 0; j < d.H; ++j) s.b1[j] -= s.lr * gb1[j];
+  if (s.b2) for (int64_t j = 0; j < d.D_out; ++j) s.b2[j] -= s.lr * gb2[j];
+  return s.mean ? total / n : total;
+}
+
+#define TWOLAYER_INSTANTIATE(T)                              \
+  template void forward<T>(const ForwardArgs<T>&);           \
+  template void backward<T>(const BackwardArgs<T>&);         \
+  template double sgd_step<T>(const StepArgs<T>&);
+TWOLAYER_INSTANTIATE(float)
+TWOLAYER_INSTANTIATE(double)
+#undef TWOLAYER_INSTANTIATE
+
+}  // namespace twolayer::cpu::reference
