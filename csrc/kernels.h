@@ -26,7 +26,7 @@ namespace cpu {
 // The CPU kernel variant used by every op: "tuned" (default) or "reference";
 // returns the previous one. TWOLAYER_CPU_KERNEL sets the initial choice.
 std::string set_kernel_variant(c10::string_view name);
-std::string kernel_info();  // e.g. "tuned (gemm micro-kernel: avx2+fma, threads: 2)"
+std::string kernel_info();  // e.g. "tuned (avx2+fma, threads: 2)"
 std::tuple<at::Tensor, at::Tensor> two_layer_fwd(const at::Tensor& x, const at::Tensor& w1,
                                                  const at::Tensor& w2, const OptTensor& b1,
                                                  const OptTensor& b2);

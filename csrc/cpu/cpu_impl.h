@@ -1,15 +1,24 @@
 // What the CPU kernel variants share: raw strided views of the op arguments,
-// and the two implementations (tuned, reference) behind the op entry points in
-// two_layer_cpu.cpp, which check arguments, allocate outputs and pick one.
+// and the implementations behind the op entry points in two_layer_cpu.cpp
+// (which check arguments, allocate outputs and pick a variant):
+//   tuned      blocked GEMMs with fused epilogues (tuned_impl/*.h), compiled
+//              twice, for AVX2+FMA and for baseline x86-64, chosen at run time;
+//   reference  plain loops (reference_cpu.cpp).
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 
 #include "../checks.h"
-#include "gemm.h"
 
 namespace twolayer::cpu {
+
+template <typename T>
+struct View {  // a read-only strided 2-D view: element (i, j) is p[i * rs + j * cs]
+  const T* p;
+  int64_t rs, cs;
+  View t() const { return {p, cs, rs}; }
+};
 
 template <typename T>
 struct MutView {  // a writable strided 2-D view
@@ -53,17 +62,17 @@ struct StepArgs {
   bool mean;  // reduction "mean" (else "sum")
 };
 
-// Both variants compute the same thing; `tuned` is the fast one, `reference` the readable one.
-namespace tuned {
-template <typename T> void forward(const ForwardArgs<T>& a);
-template <typename T> void backward(const BackwardArgs<T>& a);
-template <typename T> double sgd_step(const StepArgs<T>& a);  // returns the loss
-}  // namespace tuned
-namespace reference {
-template <typename T> void forward(const ForwardArgs<T>& a);
-template <typename T> void backward(const BackwardArgs<T>& a);
-template <typename T> double sgd_step(const StepArgs<T>& a);
-}  // namespace reference
+#define TWOLAYER_DECLARE_VARIANT(ns)                            \
+  namespace ns {                                                \
+  template <typename T> void forward(const ForwardArgs<T>& a);  \
+  template <typename T> void backward(const BackwardArgs<T>& a); \
+  template <typename T> double sgd_step(const StepArgs<T>& a);  \
+  const char* isa();                                            \
+  }
+TWOLAYER_DECLARE_VARIANT(tuned_avx2)
+TWOLAYER_DECLARE_VARIANT(tuned_portable)
+TWOLAYER_DECLARE_VARIANT(reference)
+#undef TWOLAYER_DECLARE_VARIANT
 
 // The sum of squares of (p - t) over n contiguous elements, in double, the same
 // bits for any thread count; if g != nullptr also g = scale2 * (p - t).

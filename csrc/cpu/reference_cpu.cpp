@@ -109,4 +109,6 @@ TWOLAYER_INSTANTIATE(float)
 TWOLAYER_INSTANTIATE(double)
 #undef TWOLAYER_INSTANTIATE
 
+const char* isa() { return "plain loops"; }
+
 }  // namespace twolayer::cpu::reference

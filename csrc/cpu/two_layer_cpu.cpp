@@ -40,6 +40,40 @@ std::atomic<int>& current_variant() {
 
 bool use_reference() { return current_variant().load() == int(Variant::Reference); }
 
+// The tuned kernels exist twice: for AVX2 + FMA and for any x86-64 CPU.
+// TWOLAYER_NO_AVX2=1 forces the portable build (to test what a CPU without AVX2 gets).
+bool use_avx2() {
+  static const bool yes = [] {
+    const char* off = std::getenv("TWOLAYER_NO_AVX2");
+    if (off && off[0] == '1') return false;
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return false;
+#endif
+  }();
+  return yes;
+}
+
+template <typename T>
+void forward(const ForwardArgs<T>& a) {
+  if (use_reference()) reference::forward(a);
+  else if (use_avx2()) tuned_avx2::forward(a);
+  else tuned_portable::forward(a);
+}
+template <typename T>
+void backward(const BackwardArgs<T>& a) {
+  if (use_reference()) reference::backward(a);
+  else if (use_avx2()) tuned_avx2::backward(a);
+  else tuned_portable::backward(a);
+}
+template <typename T>
+double step(const StepArgs<T>& a) {
+  if (use_reference()) return reference::sgd_step(a);
+  return use_avx2() ? tuned_avx2::sgd_step(a) : tuned_portable::sgd_step(a);
+}
+
 template <typename T>
 View<T> view(const at::Tensor& t) {
   return {t.data_ptr<T>(), t.stride(0), t.stride(1)};
@@ -64,8 +98,11 @@ std::string set_kernel_variant(c10::string_view name) {
 }
 
 std::string kernel_info() {
-  return std::string(use_reference() ? "reference" : "tuned") + " (gemm micro-kernel: " +
-         micro_kernel_isa() + ", threads: " + std::to_string(at::get_num_threads()) + ")";
+  const char* isa = use_reference() ? reference::isa()
+                    : use_avx2()      ? tuned_avx2::isa()
+                                      : tuned_portable::isa();
+  return std::string(use_reference() ? "reference" : "tuned") + " (" + isa +
+         ", threads: " + std::to_string(at::get_num_threads()) + ")";
 }
 
 template <typename T>
@@ -113,7 +150,7 @@ std::tuple<at::Tensor, at::Tensor> two_layer_fwd(const at::Tensor& x, const at::
     using T = scalar_t;
     const ForwardArgs<T> a{d, view<T>(x), view<T>(w1), view<T>(w2), bias<const T>(b1),
                            bias<const T>(b2), act.data_ptr<T>(), y.data_ptr<T>()};
-    use_reference() ? reference::forward(a) : tuned::forward(a);
+    forward(a);
   });
   return {y, act};
 }
@@ -161,7 +198,7 @@ Grads5 two_layer_bwd(const at::Tensor& grad_y, const OptTensor& x, const OptTens
     const BackwardArgs<T> a{{N, D_in, H, D_out}, view<T>(grad_y), need_w1 ? view<T>(*x) : none,
                             need_x ? view<T>(*w1) : none, view<T>(w2), act.data_ptr<T>(),
                             ptr(grad_x), ptr(grad_w1), ptr(grad_b1), ptr(grad_w2), ptr(grad_b2)};
-    use_reference() ? reference::backward(a) : tuned::backward(a);
+    backward(a);
   });
   return {grad_x, grad_w1, grad_b1, grad_w2, grad_b2};
 }
@@ -224,7 +261,7 @@ at::Tensor sgd_step(const at::Tensor& x, const at::Tensor& target, const at::Ten
     using T = scalar_t;
     const StepArgs<T> s{d, view<T>(x), view<T>(target), mut_view<T>(w1), mut_view<T>(w2),
                         bias<T>(b1), bias<T>(b2), T(lr), mean};
-    loss.fill_(use_reference() ? reference::sgd_step(s) : tuned::sgd_step(s));
+    loss.fill_(step(s));
   });
   return loss;
 }

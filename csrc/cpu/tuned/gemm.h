@@ -1,0 +1,199 @@
+// A blocked GEMM (the BLIS loop nest: B packed into L1/L3-sized panels, a
+// register-blocked micro-kernel reading A in place) whose results go through
+// an epilogue while each micro-tile is still in L1.
+//
+//   C[M, N] = A[M, K] @ B[K, N]    A and B are strided views (transposes are free)
+//
+// The epilogue sees each MR x NR tile of sums once per K block:
+//   epi.partial(i0, j0, mr, nr, tile, first)  K blocks before the last
+//   epi.last(i0, j0, mr, nr, tile, first)     the last one (first: also the first)
+// and decides where partial sums live (usually its own output).
+//
+// Included inside an ISA namespace by tuned_avx2.cpp / tuned_portable.cpp,
+// after every header it needs: it includes nothing itself.
+
+template <typename T>
+struct Tiles;
+template <>
+struct Tiles<float> {  // 12 ymm accumulators: 6 rows x 2 x 8 floats
+  static constexpr int MR = 6, NR = 16;
+  static constexpr int64_t KC = 256, MC = 120, NC = 3072;
+};
+template <>
+struct Tiles<double> {  // 12 ymm accumulators: 6 rows x 2 x 4 doubles
+  static constexpr int MR = 6, NR = 8;
+  static constexpr int64_t KC = 256, MC = 120, NC = 1536;
+};
+
+// Problems below this many flops stay on one thread: at the tutorial's size a
+// second thread costs more than it saves (and stalls if the other core is busy).
+constexpr double kMinFlopsForThreads = 4e6;
+
+// tile[MR][NR] = sum over k < kc of A-panel (x) B-panel. The A panel is read in
+// place: row r, step k at a[r][k] = rows[r] + k * ks. B is packed k-major.
+#ifdef TWOLAYER_AVX2_KERNELS  // set by tuned_avx2.cpp, under its target pragma
+inline void micro_kernel(int64_t kc, const float* const* rows, int64_t ks, const float* b,
+                         float* tile) {
+  const float *a0 = rows[0], *a1 = rows[1], *a2 = rows[2], *a3 = rows[3], *a4 = rows[4],
+              *a5 = rows[5];
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
+         c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  for (int64_t k = 0, o = 0; k < kc; ++k, o += ks, b += 16) {
+    const __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
+    __m256 x = _mm256_broadcast_ss(a0 + o);
+    c00 = _mm256_fmadd_ps(x, b0, c00), c01 = _mm256_fmadd_ps(x, b1, c01);
+    x = _mm256_broadcast_ss(a1 + o);
+    c10 = _mm256_fmadd_ps(x, b0, c10), c11 = _mm256_fmadd_ps(x, b1, c11);
+    x = _mm256_broadcast_ss(a2 + o);
+    c20 = _mm256_fmadd_ps(x, b0, c20), c21 = _mm256_fmadd_ps(x, b1, c21);
+    x = _mm256_broadcast_ss(a3 + o);
+    c30 = _mm256_fmadd_ps(x, b0, c30), c31 = _mm256_fmadd_ps(x, b1, c31);
+    x = _mm256_broadcast_ss(a4 + o);
+    c40 = _mm256_fmadd_ps(x, b0, c40), c41 = _mm256_fmadd_ps(x, b1, c41);
+    x = _mm256_broadcast_ss(a5 + o);
+    c50 = _mm256_fmadd_ps(x, b0, c50), c51 = _mm256_fmadd_ps(x, b1, c51);
+  }
+  _mm256_store_ps(tile + 0, c00), _mm256_store_ps(tile + 8, c01);
+  _mm256_store_ps(tile + 16, c10), _mm256_store_ps(tile + 24, c11);
+  _mm256_store_ps(tile + 32, c20), _mm256_store_ps(tile + 40, c21);
+  _mm256_store_ps(tile + 48, c30), _mm256_store_ps(tile + 56, c31);
+  _mm256_store_ps(tile + 64, c40), _mm256_store_ps(tile + 72, c41);
+  _mm256_store_ps(tile + 80, c50), _mm256_store_ps(tile + 88, c51);
+}
+
+inline void micro_kernel(int64_t kc, const double* const* rows, int64_t ks, const double* b,
+                         double* tile) {
+  const double *a0 = rows[0], *a1 = rows[1], *a2 = rows[2], *a3 = rows[3], *a4 = rows[4],
+               *a5 = rows[5];
+  __m256d c00 = _mm256_setzero_pd(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
+          c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  for (int64_t k = 0, o = 0; k < kc; ++k, o += ks, b += 8) {
+    const __m256d b0 = _mm256_load_pd(b), b1 = _mm256_load_pd(b + 4);
+    __m256d x = _mm256_broadcast_sd(a0 + o);
+    c00 = _mm256_fmadd_pd(x, b0, c00), c01 = _mm256_fmadd_pd(x, b1, c01);
+    x = _mm256_broadcast_sd(a1 + o);
+    c10 = _mm256_fmadd_pd(x, b0, c10), c11 = _mm256_fmadd_pd(x, b1, c11);
+    x = _mm256_broadcast_sd(a2 + o);
+    c20 = _mm256_fmadd_pd(x, b0, c20), c21 = _mm256_fmadd_pd(x, b1, c21);
+    x = _mm256_broadcast_sd(a3 + o);
+    c30 = _mm256_fmadd_pd(x, b0, c30), c31 = _mm256_fmadd_pd(x, b1, c31);
+    x = _mm256_broadcast_sd(a4 + o);
+    c40 = _mm256_fmadd_pd(x, b0, c40), c41 = _mm256_fmadd_pd(x, b1, c41);
+    x = _mm256_broadcast_sd(a5 + o);
+    c50 = _mm256_fmadd_pd(x, b0, c50), c51 = _mm256_fmadd_pd(x, b1, c51);
+  }
+  _mm256_store_pd(tile + 0, c00), _mm256_store_pd(tile + 4, c01);
+  _mm256_store_pd(tile + 8, c10), _mm256_store_pd(tile + 12, c11);
+  _mm256_store_pd(tile + 16, c20), _mm256_store_pd(tile + 20, c21);
+  _mm256_store_pd(tile + 24, c30), _mm256_store_pd(tile + 28, c31);
+  _mm256_store_pd(tile + 32, c40), _mm256_store_pd(tile + 36, c41);
+  _mm256_store_pd(tile + 40, c50), _mm256_store_pd(tile + 44, c51);
+}
+#else
+template <typename T>
+void micro_kernel(int64_t kc, const T* const* rows, int64_t ks, const T* b, T* tile) {
+  constexpr int MR = Tiles<T>::MR, NR = Tiles<T>::NR;
+  T acc[MR * NR] = {};
+  for (int64_t k = 0; k < kc; ++k, b += NR)
+    for (int r = 0; r < MR; ++r) {
+      const T a = rows[r][k * ks];
+      for (int c = 0; c < NR; ++c) acc[r * NR + c] += a * b[c];
+    }
+  for (int i = 0; i < MR * NR; ++i) tile[i] = acc[i];
+}
+#endif
+
+// Per-thread packing buffer, grown on demand and reused across calls.
+template <typename T>
+T* packing_buffer(int64_t elems) {
+  struct Buf {
+    T* p = nullptr;
+    int64_t n = 0;
+    ~Buf() { std::free(p); }
+  };
+  thread_local Buf buf;
+  if (buf.n < elems) {
+    std::free(buf.p);
+    buf.p = static_cast<T*>(std::aligned_alloc(64, ((size_t(elems) * sizeof(T) + 63) / 64) * 64));
+    if (!buf.p) throw std::bad_alloc();
+    buf.n = elems;
+  }
+  return buf.p;
+}
+
+// B[pc:pc+kc, j:j+nr] into one NR-wide panel, k-major, zero-padded to NR columns.
+template <typename T>
+void pack_b_panel(View<T> B, int64_t pc, int64_t kc, int64_t j, int64_t nr, T* out) {
+  constexpr int NR = Tiles<T>::NR;
+  const T* src = B.p + pc * B.rs + j * B.cs;
+  for (int64_t k = 0; k < kc; ++k, out += NR) {
+    const T* row = src + k * B.rs;
+    if (B.cs == 1 && nr == NR) {
+      for (int c = 0; c < NR; ++c) out[c] = row[c];
+      continue;
+    }
+    int64_t c = 0;
+    for (; c < nr; ++c) out[c] = row[c * B.cs];
+    for (; c < NR; ++c) out[c] = T(0);
+  }
+}
+
+template <typename T, typename Epi>
+void gemm(int64_t M, int64_t N, int64_t K, View<T> A, View<T> B, Epi& epi) {
+  using Tl = Tiles<T>;
+  constexpr int MR = Tl::MR, NR = Tl::NR;
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) {  // an empty sum: the epilogue still sees every tile, as zeros
+    alignas(64) T zero_tile[MR * NR] = {};
+    for (int64_t i = 0; i < M; i += MR)
+      for (int64_t j = 0; j < N; j += NR)
+        epi.last(i, j, int(std::min<int64_t>(MR, M - i)), int(std::min<int64_t>(NR, N - j)),
+                 zero_tile, true);
+    return;
+  }
+  const bool threads = 2.0 * double(M) * double(N) * double(K) >= kMinFlopsForThreads;
+  const int nthreads = threads ? at::get_num_threads() : 1;
+  const int64_t m_blocks = (M + Tl::MC - 1) / Tl::MC;
+
+  for (int64_t jc = 0; jc < N; jc += Tl::NC) {
+    const int64_t nc = std::min(Tl::NC, N - jc);
+    const int64_t n_panels = (nc + NR - 1) / NR;
+    // Split the columns too when there are fewer row blocks than threads.
+    const int64_t n_chunks = m_blocks < nthreads ? std::min<int64_t>(n_panels, nthreads) : 1;
+    for (int64_t pc = 0; pc < K; pc += Tl::KC) {
+      const int64_t kc = std::min(Tl::KC, K - pc);
+      const bool first = pc == 0, last = pc + kc >= K;
+      T* bp = packing_buffer<T>(n_panels * NR * kc);
+      at::parallel_for(0, n_panels, threads ? 4 : n_panels, [&](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; ++p)
+          pack_b_panel(B, pc, kc, jc + p * NR, std::min<int64_t>(NR, nc - p * NR),
+                       bp + p * NR * kc);
+      });
+      const int64_t tasks = m_blocks * n_chunks;
+      at::parallel_for(0, tasks, threads ? 1 : tasks, [&](int64_t t0, int64_t t1) {
+        alignas(64) T tile[MR * NR];
+        const T* rows[MR];
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t ic = (t / n_chunks) * Tl::MC, mc = std::min(Tl::MC, M - ic);
+          const int64_t chunk = t % n_chunks;
+          const int64_t p_begin = n_panels * chunk / n_chunks;
+          const int64_t p_end = n_panels * (chunk + 1) / n_chunks;
+          // A B panel (NR x kc) stays in L1 while the A rows of this block stream by.
+          for (int64_t p = p_begin; p < p_end; ++p) {
+            const int64_t j = jc + p * NR;
+            const int nr = int(std::min<int64_t>(NR, N - j));
+            for (int64_t ir = 0; ir < mc; ir += MR) {
+              const int mr = int(std::min<int64_t>(MR, mc - ir));
+              // Rows past the edge re-read the last real row; their sums are ignored.
+              for (int r = 0; r < MR; ++r)
+                rows[r] = A.p + (ic + ir + std::min(r, mr - 1)) * A.rs + pc * A.cs;
+              micro_kernel(kc, rows, A.cs, bp + p * NR * kc, tile);
+              if (last) epi.last(ic + ir, j, mr, nr, tile, first);
+              else epi.partial(ic + ir, j, mr, nr, tile, first);
+            }
+          }
+        }
+      });
+    }
+  }
+}
