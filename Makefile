@@ -25,7 +25,8 @@ test: build
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 demo: build
-	$(PY) -m twolayer_ext.train
+	@mkdir -p build
+	$(PY) -m twolayer_ext.train --plot build/demo_loss.png
 
 bench: build
 	$(PY) -m twolayer_ext.bench
