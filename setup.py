@@ -54,14 +54,24 @@ def extension():
     print(f"twolayer_ext: building the {backend} extension ({reason})", flush=True)
     write_build_info(backend, reason)
 
-    cxx = ["-O3", "-fopenmp", "-g0", "-std=c++17"]
+    # No -std flag: torch's BuildExtension passes the standard its headers need (C++20 for 2.14).
+    cxx = ["-O3", "-fopenmp", "-g0"]
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     kwargs = dict(extra_link_args=["-fopenmp"], py_limited_api=True)
     if not build_cuda:
         return cpp_extension.CppExtension(
             "twolayer_ext._C", sources, extra_compile_args={"cxx": cxx}, **kwargs)
     cxx.append("-DTWOLAYER_WITH_CUDA")
-    nvcc = ["-O3", "-DTWOLAYER_WITH_CUDA", "--expt-relaxed-constexpr", "-std=c++17"]
+    nvcc = ["-O3", "-DTWOLAYER_WITH_CUDA", "--expt-relaxed-constexpr"]
+    # torch's ATen/cuda headers include cuBLAS/cuSPARSE/cuSOLVER headers, which a bare toolkit
+    # may lack; the nvidia-* wheels torch depends on carry them (nvidia/cu13/include,
+    # nvidia/cublas/include, ...). -isystem is searched after -I, so CUDA_HOME/include still wins.
+    site_packages = os.path.dirname(os.path.dirname(torch.__file__))
+    library_headers = ("cublas_v2.h", "cusparse.h", "cusolverDn.h")
+    for inc in sorted(glob.glob(os.path.join(site_packages, "nvidia", "*", "include"))):
+        if any(os.path.exists(os.path.join(inc, h)) for h in library_headers):
+            cxx += ["-isystem", inc]
+            nvcc += ["-isystem", inc]
     return cpp_extension.CUDAExtension(
         "twolayer_ext._C", sources + sorted(glob.glob("csrc/cuda/*.cu")),
         extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs)

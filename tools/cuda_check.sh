@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# make cuda-check: compiles the CUDA build of the extension, on a machine with nvcc and no GPU.
+#
+# It uses its own venv (.venv-cuda, a CUDA build of torch) and builds a copy of the source tree
+# in a temp dir, so the checkout's own build (twolayer_ext/_C*.so, _build_info.py) is never
+# touched. Then it checks the .so holds the CUDA kernels. Nothing runs on a GPU here: see
+# tools/gpu_check.sh for that.
+#
+# Overridable: CUDA_HOME (/usr/local/cuda), TORCH_CUDA_ARCH_LIST (9.0), MAX_JOBS (2),
+# CUDA_TORCH_SPEC (torch==2.14.1), CUDA_VENV (.venv-cuda).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${CUDA_VENV:-$ROOT/.venv-cuda}"
+TORCH_SPEC="${CUDA_TORCH_SPEC:-torch==2.14.1}"
+export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+export MAX_JOBS="${MAX_JOBS:-2}"
+export TWOLAYER_CUDA=1
+START=$SECONDS
+
+if [ ! -x "$CUDA_HOME/bin/nvcc" ]; then
+  echo "cuda-check: no nvcc in CUDA_HOME=$CUDA_HOME (set CUDA_HOME to the toolkit)" >&2
+  exit 1
+fi
+
+# (a) The venv: created on a fresh clone, refreshed otherwise (pip is a no-op when up to date).
+test -x "$VENV/bin/python" || python3 -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check \
+  "$TORCH_SPEC" numpy ninja setuptools wheel
+PY="$VENV/bin/python"
+"$PY" -c 'import torch, sys; sys.exit(0 if torch.version.cuda else
+  f"cuda-check: torch {torch.__version__} in the venv is not a CUDA build")'
+
+# (b) Build a copy of the tree (no venvs, builds, .so files or git data).
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/twolayer-cuda-check.XXXXXX")"
+trap 'rm -rf "$WORK"' EXIT
+tar -C "$ROOT" -c --exclude='./.venv*' --exclude='./build' --exclude='./.git' \
+  --exclude='./out' --exclude='*.so' --exclude='__pycache__' --exclude='*.egg-info' --exclude='*.log' \
+  . | tar -C "$WORK" -x
+echo "cuda-check: building in $WORK (CUDA_HOME=$CUDA_HOME TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS)"
+(cd "$WORK" && "$PY" setup.py -q build_ext --inplace > "$WORK/build.log" 2>&1) || {
+  tail -60 "$WORK/build.log"
+  echo "cuda-check: FAILED: the CUDA build does not compile (log above)" >&2
+  exit 1
+}
+grep -m1 -o 'twolayer_ext: building.*' "$WORK/build.log"
+# Warnings in our own sources (not torch's headers) are shown, so they get fixed.
+{ grep -i warning "$WORK/build.log" | grep -F "csrc/" | sort -u | sed 's/^/cuda-check: /'; } || true
+BUILD_S=$((SECONDS - START))
+
+# (c) The .so exists and holds the CUDA entry points and our kernels' device code.
+SO="$(ls "$WORK"/twolayer_ext/_C*.so 2>/dev/null | head -1)"
+if [ -z "$SO" ]; then
+  echo "cuda-check: FAILED: no twolayer_ext/_C*.so was built" >&2
+  exit 1
+fi
+failed=0
+symbols="$(nm -C "$SO")"  # captured once: `nm | grep -q` fails under pipefail (SIGPIPE)
+for sym in twolayer::cuda::{two_layer_fwd,two_layer_bwd,l2_loss_fwd,l2_loss_bwd,sgd_step}\( \
+           {relu_with_sign_mask,apply_relu_mask,squared_error_partials,finish_loss}_kernel; do
+  if ! grep -q -F "$sym" <<<"$symbols"; then
+    echo "cuda-check: FAILED: ${sym%(} not in $SO" >&2
+    failed=1
+  fi
+done
+if ! readelf -S -W "$SO" | grep -q -F .nv_fatbin; then
+  echo "cuda-check: FAILED: $SO has no device code (.nv_fatbin section)" >&2
+  failed=1
+fi
+[ "$failed" -eq 0 ] || exit 1
+# Loading it (no GPU needed) catches undefined symbols, which linking a .so does not.
+(cd "$WORK" && "$PY" -c 'import twolayer_ext as t, sys; sys.exit(0 if "cuda" in t.available_devices()
+  else f"cuda-check: FAILED: the built module has no CUDA kernels registered: {t.BUILD_INFO}")')
+arches="not listed: no cuobjdump in this toolkit"
+if [ -x "$CUDA_HOME/bin/cuobjdump" ]; then
+  arches="$("$CUDA_HOME/bin/cuobjdump" --list-elf "$SO" | grep -o 'sm_[0-9a-z]*' | sort -u | tr '\n' ' ')"
+fi
+echo "cuda-check: OK: $(basename "$SO") loads, has the 5 CUDA ops and the 4 kernels, with device code ($arches)"
+
+# (d) Timing.
+echo "cuda-check: build ${BUILD_S}s, total $((SECONDS - START))s"
