@@ -133,3 +133,21 @@ def test_non_leaf_weight_in_graph_refused():
     w1 = base * 2
     with pytest.raises(RuntimeError, match="non-leaf tensor inside an autograd graph"):
         tl.sgd_step(torch.randn(3, 5), torch.randn(3, 2), w1, torch.randn(4, 2), lr=0.1)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_many_rows_narrow_layers(bias, reduction, device):
+    # Many rows and small weights: the CPU's row-blocked path (N >= 4096).
+    x, y, params = problem(5000, 33, 40, 9, bias=bias, seed=3)
+    ours = to_torch(params, device)
+    ours["w1"] = ours["w1"].t().contiguous().t()  # a transposed weight, updated in place
+    xt, yt = torch.tensor(x, device=device), torch.tensor(y, device=device)
+    loss = tl.sgd_step(xt, yt, ours["w1"], ours["w2"], ours["b1"], ours["b2"], lr=1e-4,
+                       reduction=reduction)
+    ref = to_torch(params, device, requires_grad=True)
+    assert loss.item() == pytest.approx(R.autograd_sgd_step(xt, yt, ref, 1e-4, reduction), rel=1e-12)
+    for k, v in ours.items():
+        if v is not None:
+            err = (v - ref[k].detach()).abs().max() / ref[k].detach().abs().max()
+            assert err < 1e-12, k

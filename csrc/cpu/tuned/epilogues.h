@@ -42,6 +42,23 @@ IntoOutput<T, Finish> into(T* out, int64_t ld, Finish f) {
   return {out, ld, f};
 }
 
+// out += sum (an accumulator across calls).
+template <typename T>
+struct Accumulate {
+  T* out;
+  int64_t ld;
+  void partial(int64_t i0, int64_t j0, int mr, int nr, const T* tile, bool) {
+    for (int r = 0; r < mr; ++r) {
+      T* o = out + (i0 + r) * ld + j0;
+      const T* t = tile + r * Tiles<T>::NR;
+      for (int c = 0; c < nr; ++c) o[c] += t[c];
+    }
+  }
+  void last(int64_t i0, int64_t j0, int mr, int nr, const T* tile, bool first) {
+    partial(i0, j0, mr, nr, tile, first);
+  }
+};
+
 template <typename T>
 struct Store {
   T operator()(int64_t, int64_t, T s) const { return s; }
@@ -74,7 +91,8 @@ struct ReluMask {
   const T* act;
   int64_t ld;
   T operator()(int64_t i, int64_t j, T s) const {
-    return std::signbit(act[i * ld + j]) ? T(0) : s;
+    // signbit(act) written as copysign: the same test, but one the compiler vectorizes.
+    return std::copysign(T(1), act[i * ld + j]) > T(0) ? s : T(0);
   }
 };
 

@@ -10,7 +10,7 @@ View<T> row_major(const T* p, int64_t cols) {
 
 // Per-thread arenas, grown on demand and reused across calls; one per use, so
 // that no two live buffers share one.
-enum Arena { kActivations, kLossPartials, kColumnSums };
+enum Arena { kActivations, kLossPartials, kColumnSums, kGroupSums };
 template <typename T, Arena>
 T* workspace(int64_t elems) {
   thread_local std::vector<T> buf;
@@ -121,30 +121,109 @@ void backward_impl(const BackwardArgs<T>& a) {
   }
 }
 
+// y's gradient for rows [0, n) given act: grad_y = dL/dy of y = act @ w2 + b2, the
+// squared errors of each row and column tile into sq (see LossGrad).
+template <typename T>
+void loss_grad(int64_t n, const Dims& d, const T* act, View<T> w2, const T* b2, View<T> target,
+               T scale2, T* grad_y, double* sq, int64_t tiles) {
+  if (b2) {
+    LossGrad<T, true> e{grad_y, d.D_out, b2, target, scale2, sq, tiles};
+    gemm<T>(n, d.D_out, d.H, row_major<T>(act, d.H), w2, e);
+  } else {
+    LossGrad<T, false> e{grad_y, d.D_out, nullptr, target, scale2, sq, tiles};
+    gemm<T>(n, d.D_out, d.H, row_major<T>(act, d.H), w2, e);
+  }
+}
+
+// Narrow layers (small weights, many rows) take the row-blocked step below.
+inline bool row_blocked_fits(const Dims& d) {
+  return d.N >= 4096 && d.D_in * d.H + d.H * d.D_out <= (1 << 16);
+}
+
+// The whole step one block of rows at a time: a block's activations and
+// gradients never leave L1/L2, and x and the target are read once. Row blocks
+// are split into a fixed number of groups, each with its own gradient sums,
+// added in group order at the end: the same bits for any thread count.
+template <typename T>
+double sgd_step_row_blocked(const StepArgs<T>& s, const T* b1, const T* b2) {
+  const Dims d = s.d;
+  constexpr int64_t kRows = 192, kGroups = 8;
+  const int64_t tiles = (d.D_out + Tiles<T>::NR - 1) / Tiles<T>::NR;
+  const int64_t blocks = (d.N + kRows - 1) / kRows;
+  // Per group: grad_w1 [D_in, H], grad_w2 [H, D_out], grad_b1 [H], grad_b2 [D_out], loss.
+  const int64_t per_group = d.D_in * d.H + d.H * d.D_out + d.H + d.D_out + 1;
+  T* sums = workspace<T, kGroupSums>(kGroups * per_group);
+  std::fill(sums, sums + kGroups * per_group, T(0));
+  double group_loss[kGroups] = {};
+  const View<T> w1{s.w1.p, s.w1.rs, s.w1.cs}, w2{s.w2.p, s.w2.rs, s.w2.cs};
+  const double n = double(d.N * d.D_out);
+  const T scale2 = T(s.mean ? 2.0 / n : 2.0);
+
+  at::parallel_for(0, kGroups, 1, [&](int64_t g0, int64_t g1) {
+    T* act = workspace<T, kActivations>(kRows * (2 * d.H + d.D_out));
+    T* grad_h = act + kRows * d.H;
+    T* grad_y = grad_h + kRows * d.H;
+    double* sq = workspace<double, kLossPartials>(kRows * tiles);
+    for (int64_t g = g0; g < g1; ++g) {
+      T* gw1 = sums + g * per_group;
+      T* gw2 = gw1 + d.D_in * d.H;
+      T* gb1 = gw2 + d.H * d.D_out;
+      T* gb2 = gb1 + d.H;
+      for (int64_t blk = blocks * g / kGroups; blk < blocks * (g + 1) / kGroups; ++blk) {
+        const int64_t r0 = blk * kRows, rows = std::min(kRows, d.N - r0);
+        const View<T> x{s.x.p + r0 * s.x.rs, s.x.rs, s.x.cs};
+        const View<T> t{s.target.p + r0 * s.target.rs, s.target.rs, s.target.cs};
+        const Dims bd{rows, d.D_in, d.H, d.D_out};
+        layer1(bd, x, w1, b1, act);
+        loss_grad(rows, bd, act, w2, b2, t, scale2, grad_y, sq, tiles);
+        group_loss[g] += pairwise_sum(sq, rows * tiles);
+        auto masked = into(grad_h, d.H, ReluMask<T>{act, d.H});
+        gemm<T>(rows, d.H, d.D_out, row_major<T>(grad_y, d.D_out), w2.t(), masked);
+        Accumulate<T> a2{gw2, d.D_out}, a1{gw1, d.H};
+        gemm<T>(d.H, d.D_out, rows, row_major<T>(act, d.H).t(), row_major<T>(grad_y, d.D_out), a2);
+        gemm<T>(d.D_in, d.H, rows, x.t(), row_major<T>(grad_h, d.H), a1);
+        for (int64_t i = 0; i < rows; ++i) {
+          if (s.b2) for (int64_t j = 0; j < d.D_out; ++j) gb2[j] += grad_y[i * d.D_out + j];
+          if (s.b1) for (int64_t j = 0; j < d.H; ++j) gb1[j] += grad_h[i * d.H + j];
+        }
+      }
+    }
+  });
+  // Sum the groups in order into group 0, then w -= lr * grad.
+  for (int64_t g = 1; g < kGroups; ++g)
+    for (int64_t i = 0; i < per_group; ++i) sums[i] += sums[g * per_group + i];
+  const T* gw1 = sums;
+  const T* gw2 = gw1 + d.D_in * d.H;
+  const T* gb1 = gw2 + d.H * d.D_out;
+  const T* gb2 = gb1 + d.H;
+  for (int64_t i = 0; i < d.D_in; ++i)
+    for (int64_t j = 0; j < d.H; ++j) s.w1(i, j) -= s.lr * gw1[i * d.H + j];
+  for (int64_t i = 0; i < d.H; ++i)
+    for (int64_t j = 0; j < d.D_out; ++j) s.w2(i, j) -= s.lr * gw2[i * d.D_out + j];
+  if (s.b1) for (int64_t j = 0; j < d.H; ++j) s.b1[j] -= s.lr * gb1[j];
+  if (s.b2) for (int64_t j = 0; j < d.D_out; ++j) s.b2[j] -= s.lr * gb2[j];
+  double total = 0.0;
+  for (int64_t g = 0; g < kGroups; ++g) total += group_loss[g];
+  return s.mean ? total / n : total;
+}
+
 template <typename T>
 double sgd_step_impl(const StepArgs<T>& s) {
   const Dims d = s.d;
+  const ContiguousBias<T> b1(s.b1.p, s.b1.stride, d.H), b2(s.b2.p, s.b2.stride, d.D_out);
+  if (row_blocked_fits(d)) return sgd_step_row_blocked(s, b1.p, b2.p);
   const int64_t tiles = (d.D_out + Tiles<T>::NR - 1) / Tiles<T>::NR;
   // One arena: act [N, H], grad_h [N, H], grad_y [N, D_out]; the loss partials apart.
   T* act = workspace<T, kActivations>(2 * d.N * d.H + d.N * d.D_out);
   T* grad_h = act + d.N * d.H;
   T* grad_y = grad_h + d.N * d.H;
   double* sq = workspace<double, kLossPartials>(d.N * tiles);
-
   const View<T> w1{s.w1.p, s.w1.rs, s.w1.cs}, w2{s.w2.p, s.w2.rs, s.w2.cs};
-  const ContiguousBias<T> b1(s.b1.p, s.b1.stride, d.H), b2(s.b2.p, s.b2.stride, d.D_out);
   const double n = double(d.N * d.D_out);
 
   layer1(d, s.x, w1, b1.p, act);
   // grad_y = dL/dy for y = act @ w2 + b2, the loss summed on the way; y is never stored.
-  const T scale2 = T(s.mean ? 2.0 / n : 2.0);
-  if (b2.p) {
-    LossGrad<T, true> e2{grad_y, d.D_out, b2.p, s.target, scale2, sq, tiles};
-    gemm<T>(d.N, d.D_out, d.H, row_major<T>(act, d.H), w2, e2);
-  } else {
-    LossGrad<T, false> e2{grad_y, d.D_out, nullptr, s.target, scale2, sq, tiles};
-    gemm<T>(d.N, d.D_out, d.H, row_major<T>(act, d.H), w2, e2);
-  }
+  loss_grad(d.N, d, act, w2, b2.p, s.target, T(s.mean ? 2.0 / n : 2.0), grad_y, sq, tiles);
   // grad_h = mask(grad_y @ w2^T), at the old w2: before w2 is updated.
   auto e3 = into(grad_h, d.H, ReluMask<T>{act, d.H});
   gemm<T>(d.N, d.H, d.D_out, row_major<T>(grad_y, d.D_out), w2.t(), e3);
