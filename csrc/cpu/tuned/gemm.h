@@ -138,6 +138,37 @@ void pack_b_panel(View<T> B, int64_t pc, int64_t kc, int64_t j, int64_t nr, T* o
   }
 }
 
+// One task: rows [ic, ic + mc) x B panels [p_begin, p_end) for the K blocks
+// [pc_begin, pc_end), from packed panels at bp(pc, p).
+template <typename T, typename Epi, typename PanelAt>
+void gemm_task(int64_t N, int64_t K, View<T> A, Epi& epi, int64_t ic, int64_t mc, int64_t jc,
+               int64_t p_begin, int64_t p_end, int64_t pc_begin, int64_t pc_end,
+               PanelAt panel_at) {
+  using Tl = Tiles<T>;
+  constexpr int MR = Tl::MR, NR = Tl::NR;
+  alignas(64) T tile[MR * NR];
+  const T* rows[MR];
+  for (int64_t pc = pc_begin; pc < pc_end; pc += Tl::KC) {
+    const int64_t kc = std::min(Tl::KC, K - pc);
+    const bool first = pc == 0, last = pc + kc >= K;
+    // A B panel (NR x kc) stays in L1 while the A rows of this block stream by.
+    for (int64_t p = p_begin; p < p_end; ++p) {
+      const int64_t j = jc + p * NR;
+      const int nr = int(std::min<int64_t>(NR, N - j));
+      const T* bp = panel_at(pc, p);
+      for (int64_t ir = 0; ir < mc; ir += MR) {
+        const int mr = int(std::min<int64_t>(MR, mc - ir));
+        // Rows past the edge re-read the last real row; their sums are ignored.
+        for (int r = 0; r < MR; ++r)
+          rows[r] = A.p + (ic + ir + std::min(r, mr - 1)) * A.rs + pc * A.cs;
+        micro_kernel(kc, rows, A.cs, bp, tile);
+        if (last) epi.last(ic + ir, j, mr, nr, tile, first);
+        else epi.partial(ic + ir, j, mr, nr, tile, first);
+      }
+    }
+  }
+}
+
 template <typename T, typename Epi>
 void gemm(int64_t M, int64_t N, int64_t K, View<T> A, View<T> B, Epi& epi) {
   using Tl = Tiles<T>;
@@ -152,48 +183,56 @@ void gemm(int64_t M, int64_t N, int64_t K, View<T> A, View<T> B, Epi& epi) {
     return;
   }
   const bool threads = 2.0 * double(M) * double(N) * double(K) >= kMinFlopsForThreads;
-  const int nthreads = threads ? at::get_num_threads() : 1;
-  const int64_t m_blocks = (M + Tl::MC - 1) / Tl::MC;
+  const int64_t nthreads = threads ? at::get_num_threads() : 1;
+  // Row blocks of at most MC rows, as many as a multiple of the thread count and
+  // of equal size (in whole MR panels), so that every thread gets the same work.
+  int64_t m_blocks = (M + Tl::MC - 1) / Tl::MC;
+  m_blocks = (m_blocks + nthreads - 1) / nthreads * nthreads;
+  const int64_t mc_step = ((M + m_blocks - 1) / m_blocks + MR - 1) / MR * MR;
+  m_blocks = (M + mc_step - 1) / mc_step;
+  const int64_t k_blocks = (K + Tl::KC - 1) / Tl::KC;
 
   for (int64_t jc = 0; jc < N; jc += Tl::NC) {
     const int64_t nc = std::min(Tl::NC, N - jc);
     const int64_t n_panels = (nc + NR - 1) / NR;
     // Split the columns too when there are fewer row blocks than threads.
     const int64_t n_chunks = m_blocks < nthreads ? std::min<int64_t>(n_panels, nthreads) : 1;
-    for (int64_t pc = 0; pc < K; pc += Tl::KC) {
-      const int64_t kc = std::min(Tl::KC, K - pc);
-      const bool first = pc == 0, last = pc + kc >= K;
-      T* bp = packing_buffer<T>(n_panels * NR * kc);
-      at::parallel_for(0, n_panels, threads ? 4 : n_panels, [&](int64_t p0, int64_t p1) {
-        for (int64_t p = p0; p < p1; ++p)
-          pack_b_panel(B, pc, kc, jc + p * NR, std::min<int64_t>(NR, nc - p * NR),
-                       bp + p * NR * kc);
-      });
-      const int64_t tasks = m_blocks * n_chunks;
+    const int64_t tasks = m_blocks * n_chunks;
+    auto run = [&](int64_t pc_begin, int64_t pc_end, auto panel_at) {
       at::parallel_for(0, tasks, threads ? 1 : tasks, [&](int64_t t0, int64_t t1) {
-        alignas(64) T tile[MR * NR];
-        const T* rows[MR];
         for (int64_t t = t0; t < t1; ++t) {
-          const int64_t ic = (t / n_chunks) * Tl::MC, mc = std::min(Tl::MC, M - ic);
-          const int64_t chunk = t % n_chunks;
-          const int64_t p_begin = n_panels * chunk / n_chunks;
-          const int64_t p_end = n_panels * (chunk + 1) / n_chunks;
-          // A B panel (NR x kc) stays in L1 while the A rows of this block stream by.
-          for (int64_t p = p_begin; p < p_end; ++p) {
-            const int64_t j = jc + p * NR;
-            const int nr = int(std::min<int64_t>(NR, N - j));
-            for (int64_t ir = 0; ir < mc; ir += MR) {
-              const int mr = int(std::min<int64_t>(MR, mc - ir));
-              // Rows past the edge re-read the last real row; their sums are ignored.
-              for (int r = 0; r < MR; ++r)
-                rows[r] = A.p + (ic + ir + std::min(r, mr - 1)) * A.rs + pc * A.cs;
-              micro_kernel(kc, rows, A.cs, bp + p * NR * kc, tile);
-              if (last) epi.last(ic + ir, j, mr, nr, tile, first);
-              else epi.partial(ic + ir, j, mr, nr, tile, first);
-            }
-          }
+          const int64_t ic = (t / n_chunks) * mc_step, chunk = t % n_chunks;
+          gemm_task(N, K, A, epi, ic, std::min(mc_step, M - ic), jc, n_panels * chunk / n_chunks,
+                    n_panels * (chunk + 1) / n_chunks, pc_begin, pc_end, panel_at);
         }
       });
+    };
+    auto pack = [&](int64_t p_count, auto pack_one) {
+      at::parallel_for(0, p_count, threads ? 4 : p_count, [&](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; ++p) pack_one(p);
+      });
+    };
+    if (k_blocks * n_panels * NR * Tl::KC <= (int64_t(1) << 18)) {
+      // Small B: packed whole, then one parallel region for every K block (few
+      // fork/joins, which is what small problems pay for).
+      T* bp = packing_buffer<T>(k_blocks * n_panels * NR * Tl::KC);
+      auto panel_at = [&](int64_t pc, int64_t p) { return bp + ((pc / Tl::KC) * n_panels + p) * NR * Tl::KC; };
+      pack(k_blocks * n_panels, [&](int64_t q) {
+        const int64_t pc = (q / n_panels) * Tl::KC, p = q % n_panels;
+        pack_b_panel(B, pc, std::min(Tl::KC, K - pc), jc + p * NR, std::min<int64_t>(NR, nc - p * NR),
+                     bp + q * NR * Tl::KC);
+      });
+      run(0, K, panel_at);
+    } else {
+      // Large B: one K block of it packed at a time (it stays in L2/L3), shared by all tasks.
+      for (int64_t pc = 0; pc < K; pc += Tl::KC) {
+        const int64_t kc = std::min(Tl::KC, K - pc);
+        T* bp = packing_buffer<T>(n_panels * NR * kc);
+        pack(n_panels, [&](int64_t p) {
+          pack_b_panel(B, pc, kc, jc + p * NR, std::min<int64_t>(NR, nc - p * NR), bp + p * NR * kc);
+        });
+        run(pc, pc + kc, [&](int64_t, int64_t p) { return bp + p * NR * kc; });
+      }
     }
   }
 }
