@@ -6,7 +6,7 @@ import torch
 
 from . import _loader  # noqa: F401  (loads _C, which registers the ops)
 
-_ops = torch.ops.twolayer_ext
+_ops = torch.ops.twolayer_ext  # calls name .default: the overload itself, skipping resolution
 _REDUCTIONS = ("sum", "mean")
 
 
@@ -35,7 +35,7 @@ def two_layer(x, w1, w2, b1=None, b2=None):
         _require_tensor("two_layer", name, value)
     _require_tensor("two_layer", "b1", b1, optional=True)
     _require_tensor("two_layer", "b2", b2, optional=True)
-    y, _ = _ops.two_layer_fwd(x, w1, w2, b1, b2)
+    y, _ = _ops.two_layer_fwd.default(x, w1, w2, b1, b2)
     return y
 
 
@@ -49,7 +49,7 @@ def l2_loss(pred, target, reduction="sum"):
     _require_tensor("l2_loss", "target", target)
     _require_reduction("l2_loss", reduction)
     need_grad = torch.is_grad_enabled() and (pred.requires_grad or target.requires_grad)
-    loss, _ = _ops.l2_loss_fwd(pred, target, reduction, need_grad)
+    loss, _ = _ops.l2_loss_fwd.default(pred, target, reduction, need_grad)
     return loss
 
 
@@ -145,7 +145,7 @@ def _two_layer_setup_context(ctx, inputs, output):
 
 def _two_layer_backward(ctx, grad_y, _grad_act):
     x, w1, w2, act = ctx.saved_tensors
-    grad_x, grad_w1, grad_b1, grad_w2, grad_b2 = _ops.two_layer_bwd(
+    grad_x, grad_w1, grad_b1, grad_w2, grad_b2 = _ops.two_layer_bwd.default(
         grad_y, x, w1, w2, act, ctx.output_mask)
     return grad_x, grad_w1, grad_w2, grad_b1, grad_b2
 
@@ -166,7 +166,7 @@ def _l2_loss_backward(ctx, grad_loss, _grad_grad):
         raise RuntimeError("l2_loss: backward needs the gradient saved by the forward; "
                            "call l2_loss_fwd with need_grad=True when inputs require grad")
     need_pred, need_target = ctx.needs_input_grad[:2]
-    grad_pred = _ops.l2_loss_bwd(grad_loss, grad)
+    grad_pred = _ops.l2_loss_bwd.default(grad_loss, grad)
     return (grad_pred if need_pred else None, -grad_pred if need_target else None, None, None)
 
 
@@ -217,7 +217,7 @@ def sgd_step(x, target, w1, w2, b1=None, b2=None, *, lr, reduction="sum"):
                     f"it in place would corrupt that graph. Pass the leaf parameter, or call "
                     f"under torch.no_grad() on tensors you own")
     with torch.no_grad():
-        return _ops.sgd_step(x, target, w1, w2, b1, b2, float(lr), reduction)
+        return _ops.sgd_step.default(x, target, w1, w2, b1, b2, float(lr), reduction)
 
 
 @torch.library.register_fake("twolayer_ext::sgd_step")
