@@ -3,6 +3,7 @@
 #include <ATen/MemoryOverlap.h>
 #include <c10/core/ScalarType.h>
 
+#include <cmath>
 #include <sstream>
 
 namespace twolayer {
@@ -89,6 +90,76 @@ void check_writable_and_disjoint(
     TORCH_CHECK_VALUE(at::get_overlap_status(t, *other) == at::MemOverlapStatus::No, op, ": ",
                       name, " is updated in place and must not share memory with ", other_name);
   }
+}
+
+Dims check_two_layer_bwd_args(const at::Tensor& grad_y, const std::optional<at::Tensor>& x,
+                              const std::optional<at::Tensor>& w1, const at::Tensor& w2,
+                              const at::Tensor& act, bool need_x, bool need_w1) {
+  constexpr const char* op = "two_layer (backward)";
+  TORCH_CHECK_VALUE(act.dim() == 2, op, ": act must be 2-D [N, H], got ", act.dim(), "-D");
+  check_float(op, "act", act);
+  const int64_t N = act.size(0), H = act.size(1);
+  TORCH_CHECK_VALUE(w2.dim() == 2 && w2.size(0) == H, op,
+                    ": w2 must have shape [H, D_out] with H = ", H, ", got ", shape_str(w2.sizes()));
+  check_like(op, "w2", w2, "act", act);
+  const int64_t D_out = w2.size(1);
+  TORCH_CHECK_VALUE(grad_y.dim() == 2, op, ": grad_y must be 2-D [N, D_out], got ", grad_y.dim(), "-D");
+  check_like(op, "grad_y", grad_y, "act", act);
+  check_shape(op, "grad_y", grad_y, {N, D_out}, "[N, D_out]");
+  TORCH_CHECK_VALUE(!need_w1 || x.has_value(), op, ": x [N, D_in] is needed for grad_w1");
+  TORCH_CHECK_VALUE(!need_x || w1.has_value(), op, ": w1 [D_in, H] is needed for grad_x");
+  int64_t D_in = 0;
+  if (x) {
+    check_like(op, "x", *x, "act", act);
+    TORCH_CHECK_VALUE(x->dim() == 2 && x->size(0) == N, op, ": x must have shape [N, D_in] with N = ",
+                      N, ", got ", shape_str(x->sizes()));
+    D_in = x->size(1);
+  }
+  if (w1) {
+    check_like(op, "w1", *w1, "act", act);
+    TORCH_CHECK_VALUE(w1->dim() == 2 && w1->size(1) == H && (!x || w1->size(0) == D_in), op,
+                      ": w1 must have shape [D_in, H] with H = ", H, x ? " and D_in = x.size(1)" : "",
+                      ", got ", shape_str(w1->sizes()));
+    D_in = w1->size(0);
+  }
+  return {N, D_in, H, D_out};
+}
+
+Reduction check_l2_loss_args(const at::Tensor& pred, const at::Tensor& target,
+                             c10::string_view reduction) {
+  constexpr const char* op = "l2_loss";
+  const Reduction r = parse_reduction(op, reduction);
+  check_float(op, "pred", pred);
+  check_like(op, "target", target, "pred", pred);
+  TORCH_CHECK_VALUE(target.sizes() == pred.sizes(), op, ": target must have the same shape as pred ",
+                    shape_str(pred.sizes()), ", got ", shape_str(target.sizes()), " (no broadcasting)");
+  return r;
+}
+
+void check_l2_loss_bwd_args(const at::Tensor& grad_loss, const at::Tensor& grad) {
+  constexpr const char* op = "l2_loss (backward)";
+  TORCH_CHECK_VALUE(grad_loss.numel() == 1, op, ": grad_loss must have one element, got shape ",
+                    shape_str(grad_loss.sizes()));
+  check_like(op, "grad_loss", grad_loss, "grad", grad);
+}
+
+Dims check_sgd_step_args(const at::Tensor& x, const at::Tensor& target, const at::Tensor& w1,
+                         const at::Tensor& w2, const std::optional<at::Tensor>& b1,
+                         const std::optional<at::Tensor>& b2, double lr) {
+  constexpr const char* op = "sgd_step";
+  const Dims d = check_two_layer_args(op, x, w1, b1, w2, b2);
+  check_like(op, "target", target, "x", x);
+  check_shape(op, "target", target, {d.N, d.D_out}, "[N, D_out]");
+  TORCH_CHECK_VALUE(std::isfinite(lr) && lr >= 0, op, ": lr must be a finite number >= 0, got ", lr);
+  const at::Tensor* pb1 = b1 ? &*b1 : nullptr;
+  const at::Tensor* pb2 = b2 ? &*b2 : nullptr;
+  check_writable_and_disjoint(op, "w1", w1, {{"x", &x}, {"target", &target}, {"w2", &w2},
+                                             {"b1", pb1}, {"b2", pb2}});
+  check_writable_and_disjoint(op, "w2", w2, {{"x", &x}, {"target", &target}, {"b1", pb1},
+                                             {"b2", pb2}});
+  if (b1) check_writable_and_disjoint(op, "b1", *b1, {{"x", &x}, {"target", &target}, {"b2", pb2}});
+  if (b2) check_writable_and_disjoint(op, "b2", *b2, {{"x", &x}, {"target", &target}});
+  return d;
 }
 
 }  // namespace twolayer

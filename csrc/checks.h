@@ -25,6 +25,24 @@ Dims check_two_layer_args(const char* op, const at::Tensor& x, const at::Tensor&
                           const std::optional<at::Tensor>& b1, const at::Tensor& w2,
                           const std::optional<at::Tensor>& b2);
 
+// two_layer's backward: grad_y [N, D_out], w2 [H, D_out], act [N, H]; x [N, D_in] and
+// w1 [D_in, H] must be given where grad_w1 / grad_x are asked for, and are checked
+// whenever given. D_in is 0 when neither is needed.
+Dims check_two_layer_bwd_args(const at::Tensor& grad_y, const std::optional<at::Tensor>& x,
+                              const std::optional<at::Tensor>& w1, const at::Tensor& w2,
+                              const at::Tensor& act, bool need_x, bool need_w1);
+
+// pred and target: one floating dtype and device, the same shape (no broadcasting).
+Reduction check_l2_loss_args(const at::Tensor& pred, const at::Tensor& target,
+                             c10::string_view reduction);
+void check_l2_loss_bwd_args(const at::Tensor& grad_loss, const at::Tensor& grad);
+
+// sgd_step: the two_layer arguments, target [N, D_out], a finite lr >= 0, and weights
+// that can be written in place without touching each other or the inputs.
+Dims check_sgd_step_args(const at::Tensor& x, const at::Tensor& target, const at::Tensor& w1,
+                         const at::Tensor& w2, const std::optional<at::Tensor>& b1,
+                         const std::optional<at::Tensor>& b2, double lr);
+
 // `t` must have the dtype and device of `ref` (named `ref_name`).
 void check_like(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
                 const at::Tensor& ref);

@@ -156,47 +156,23 @@ std::tuple<at::Tensor, at::Tensor> two_layer_fwd(const at::Tensor& x, const at::
 }
 
 Grads5 two_layer_bwd(const at::Tensor& grad_y, const OptTensor& x, const OptTensor& w1,
-                     const at::Tensor& w2, const at::Tensor& act, std::array<bool, 5> output_mask) {
-  constexpr const char* op = "two_layer (backward)";
-  TORCH_CHECK_VALUE(act.dim() == 2, op, ": act must be 2-D [N, H], got ", act.dim(), "-D");
-  check_float(op, "act", act);
-  TORCH_CHECK_VALUE(act.is_contiguous(), op, ": act must be the contiguous tensor two_layer_fwd returned");
-  TORCH_CHECK_VALUE(w2.dim() == 2 && w2.size(0) == act.size(1), op,
-                    ": w2 must have shape [H, D_out] with H = ", act.size(1), ", got ", w2.sizes());
-  check_like(op, "w2", w2, "act", act);
-  TORCH_CHECK_VALUE(grad_y.dim() == 2, op, ": grad_y must be 2-D [N, D_out]");
-  check_like(op, "grad_y", grad_y, "act", act);
-  check_shape(op, "grad_y", grad_y, {act.size(0), w2.size(1)}, "[N, D_out]");
+                     const at::Tensor& w2, const at::Tensor& act_in, std::array<bool, 5> output_mask) {
   const auto [need_x, need_w1, need_b1, need_w2, need_b2] = output_mask;
-  const int64_t N = act.size(0), H = act.size(1), D_out = w2.size(1);
-  int64_t D_in = 0;
-  if (need_w1) {
-    TORCH_CHECK_VALUE(x.has_value() && x->dim() == 2, op, ": x [N, D_in] is needed for grad_w1");
-    check_like(op, "x", *x, "act", act);
-    D_in = x->size(1);
-    check_shape(op, "x", *x, {N, D_in}, "[N, D_in]");
-  }
-  if (need_x) {
-    TORCH_CHECK_VALUE(w1.has_value() && w1->dim() == 2, op, ": w1 [D_in, H] is needed for grad_x");
-    check_like(op, "w1", *w1, "act", act);
-    D_in = w1->size(0);
-    check_shape(op, "w1", *w1, {D_in, H}, "[D_in, H]");
-  }
-  if (need_w1 && need_x)
-    TORCH_CHECK_VALUE(x->size(1) == w1->size(0), op, ": x and w1 disagree on D_in");
-  const auto opts = act.options();
+  const Dims d = check_two_layer_bwd_args(grad_y, x, w1, w2, act_in, need_x, need_w1);
+  const auto act = act_in.expect_contiguous();  // two_layer_fwd's own act: no copy
+  const auto opts = act->options();
   OptTensor grad_x, grad_w1, grad_b1, grad_w2, grad_b2;
-  if (need_x) grad_x = at::empty({N, D_in}, opts);
-  if (need_w1) grad_w1 = at::empty({D_in, H}, opts);
-  if (need_b1) grad_b1 = at::empty({H}, opts);
-  if (need_w2) grad_w2 = at::empty({H, D_out}, opts);
-  if (need_b2) grad_b2 = at::empty({D_out}, opts);
-  AT_DISPATCH_FLOATING_TYPES(act.scalar_type(), "two_layer_bwd", [&] {
+  if (need_x) grad_x = at::empty({d.N, d.D_in}, opts);
+  if (need_w1) grad_w1 = at::empty({d.D_in, d.H}, opts);
+  if (need_b1) grad_b1 = at::empty({d.H}, opts);
+  if (need_w2) grad_w2 = at::empty({d.H, d.D_out}, opts);
+  if (need_b2) grad_b2 = at::empty({d.D_out}, opts);
+  AT_DISPATCH_FLOATING_TYPES(act->scalar_type(), "two_layer_bwd", [&] {
     using T = scalar_t;
     auto ptr = [](OptTensor& t) { return t ? t->data_ptr<T>() : nullptr; };
     const View<T> none{nullptr, 0, 0};
-    const BackwardArgs<T> a{{N, D_in, H, D_out}, view<T>(grad_y), need_w1 ? view<T>(*x) : none,
-                            need_x ? view<T>(*w1) : none, view<T>(w2), act.data_ptr<T>(),
+    const BackwardArgs<T> a{d, view<T>(grad_y), grad_w1 ? view<T>(*x) : none,
+                            grad_x ? view<T>(*w1) : none, view<T>(w2), act->data_ptr<T>(),
                             ptr(grad_x), ptr(grad_w1), ptr(grad_b1), ptr(grad_w2), ptr(grad_b2)};
     backward(a);
   });
@@ -205,13 +181,7 @@ Grads5 two_layer_bwd(const at::Tensor& grad_y, const OptTensor& x, const OptTens
 
 std::tuple<at::Tensor, OptTensor> l2_loss_fwd(const at::Tensor& pred, const at::Tensor& target,
                                               c10::string_view reduction, bool need_grad) {
-  constexpr const char* op = "l2_loss";
-  const Reduction r = parse_reduction(op, reduction);
-  check_float(op, "pred", pred);
-  check_like(op, "target", target, "pred", pred);
-  TORCH_CHECK_VALUE(target.sizes() == pred.sizes(), op,
-                    ": target must have the same shape as pred ", pred.sizes(), ", got ",
-                    target.sizes(), " (no broadcasting)");
+  const Reduction r = check_l2_loss_args(pred, target, reduction);
   // Non-contiguous inputs are read through a contiguous copy (made only then).
   const auto p = pred.expect_contiguous();
   const auto t = target.expect_contiguous();
@@ -231,31 +201,15 @@ std::tuple<at::Tensor, OptTensor> l2_loss_fwd(const at::Tensor& pred, const at::
 }
 
 at::Tensor l2_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& grad) {
-  constexpr const char* op = "l2_loss (backward)";
-  TORCH_CHECK_VALUE(grad_loss.numel() == 1, op, ": grad_loss must have one element, got shape ",
-                    grad_loss.sizes());
-  check_like(op, "grad_loss", grad_loss, "grad", grad);
+  check_l2_loss_bwd_args(grad_loss, grad);
   return at::mul(grad, grad_loss.reshape({}));
 }
 
 at::Tensor sgd_step(const at::Tensor& x, const at::Tensor& target, const at::Tensor& w1,
                     const at::Tensor& w2, const OptTensor& b1, const OptTensor& b2, double lr,
                     c10::string_view reduction) {
-  constexpr const char* op = "sgd_step";
-  const Dims d = check_two_layer_args(op, x, w1, b1, w2, b2);
-  check_like(op, "target", target, "x", x);
-  check_shape(op, "target", target, {d.N, d.D_out}, "[N, D_out]");
-  TORCH_CHECK_VALUE(std::isfinite(lr) && lr >= 0, op, ": lr must be a finite number >= 0, got ",
-                    lr);
-  const bool mean = parse_reduction(op, reduction) == Reduction::Mean;
-  const at::Tensor* pb1 = b1 ? &*b1 : nullptr;
-  const at::Tensor* pb2 = b2 ? &*b2 : nullptr;
-  check_writable_and_disjoint(op, "w1", w1, {{"x", &x}, {"target", &target}, {"w2", &w2},
-                                             {"b1", pb1}, {"b2", pb2}});
-  check_writable_and_disjoint(op, "w2", w2, {{"x", &x}, {"target", &target}, {"b1", pb1},
-                                             {"b2", pb2}});
-  if (b1) check_writable_and_disjoint(op, "b1", *b1, {{"x", &x}, {"target", &target}, {"b2", pb2}});
-  if (b2) check_writable_and_disjoint(op, "b2", *b2, {{"x", &x}, {"target", &target}});
+  const Dims d = check_sgd_step_args(x, target, w1, w2, b1, b2, lr);
+  const bool mean = parse_reduction("sgd_step", reduction) == Reduction::Mean;
   auto loss = at::empty({}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sgd_step", [&] {
     using T = scalar_t;

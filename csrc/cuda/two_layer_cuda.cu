@@ -24,22 +24,6 @@ namespace {
 
 constexpr const char* kBackward = "two_layer (backward)";
 
-// grad_y [N, D_out], w2 [H, D_out] and act [N, H] agree; x and w1, when given, are on act's
-// device with its dtype (checked even when unused, so a stray CPU tensor is never ignored).
-void check_backward_args(const at::Tensor& grad_y, const OptTensor& x, const OptTensor& w1,
-                         const at::Tensor& w2, const at::Tensor& act) {
-  TORCH_CHECK_VALUE(act.dim() == 2, kBackward, ": act must be 2-D [N, H], got ", act.dim(), "-D");
-  check_float(kBackward, "act", act);
-  TORCH_CHECK_VALUE(w2.dim() == 2 && w2.size(0) == act.size(1), kBackward,
-                    ": w2 must have shape [H, D_out] with H = ", act.size(1), ", got ", w2.sizes());
-  check_like(kBackward, "w2", w2, "act", act);
-  TORCH_CHECK_VALUE(grad_y.dim() == 2, kBackward, ": grad_y must be 2-D [N, D_out]");
-  check_like(kBackward, "grad_y", grad_y, "act", act);
-  check_shape(kBackward, "grad_y", grad_y, {act.size(0), w2.size(1)}, "[N, D_out]");
-  if (x) check_like(kBackward, "x", *x, "act", act);
-  if (w1) check_like(kBackward, "w1", *w1, "act", act);
-}
-
 // Checks `t` is on CUDA before a guard is made from it (the dispatcher sends a call here when
 // any tensor argument is on CUDA; the argument checks catch the others).
 c10::Device cuda_device_of(const char* op, const char* name, const at::Tensor& t) {
@@ -67,40 +51,26 @@ std::tuple<at::Tensor, at::Tensor> two_layer_fwd(const at::Tensor& x, const at::
 
 Grads5 two_layer_bwd(const at::Tensor& grad_y, const OptTensor& x, const OptTensor& w1,
                      const at::Tensor& w2, const at::Tensor& act, std::array<bool, 5> output_mask) {
-  check_backward_args(grad_y, x, w1, w2, act);
-  const c10::cuda::CUDAGuard guard(cuda_device_of(kBackward, "act", act));
   const auto [need_x, need_w1, need_b1, need_w2, need_b2] = output_mask;
+  check_two_layer_bwd_args(grad_y, x, w1, w2, act, need_x, need_w1);
+  const c10::cuda::CUDAGuard guard(cuda_device_of(kBackward, "act", act));
   OptTensor grad_x, grad_w1, grad_b1, grad_w2, grad_b2;
   if (need_w2) grad_w2 = at::mm(act.t(), grad_y);
   if (need_b2) grad_b2 = at::sum(grad_y, 0);
   if (need_x || need_w1 || need_b1) {
     auto grad_h = at::mm(grad_y, w2.t()).contiguous();  // mm's result is contiguous: a no-op
     apply_relu_mask_(grad_h, act.contiguous());
-    if (need_w1) {
-      TORCH_CHECK_VALUE(x.has_value(), kBackward, ": x is needed for grad_w1");
-      check_shape(kBackward, "x", *x, {act.size(0), x->size(-1)}, "[N, D_in]");
-      grad_w1 = at::mm(x->t(), grad_h);
-    }
+    if (need_w1) grad_w1 = at::mm(x->t(), grad_h);
     if (need_b1) grad_b1 = at::sum(grad_h, 0);
-    if (need_x) {
-      TORCH_CHECK_VALUE(w1.has_value(), kBackward, ": w1 is needed for grad_x");
-      check_shape(kBackward, "w1", *w1, {w1->size(0), act.size(1)}, "[D_in, H]");
-      grad_x = at::mm(grad_h, w1->t());
-    }
+    if (need_x) grad_x = at::mm(grad_h, w1->t());
   }
   return {grad_x, grad_w1, grad_b1, grad_w2, grad_b2};
 }
 
 std::tuple<at::Tensor, OptTensor> l2_loss_fwd(const at::Tensor& pred, const at::Tensor& target,
                                               c10::string_view reduction, bool need_grad) {
-  constexpr const char* op = "l2_loss";
-  const Reduction r = parse_reduction(op, reduction);
-  check_float(op, "pred", pred);
-  check_like(op, "target", target, "pred", pred);
-  TORCH_CHECK_VALUE(target.sizes() == pred.sizes(), op,
-                    ": target must have the same shape as pred ", pred.sizes(), ", got ",
-                    target.sizes(), " (no broadcasting)");
-  const c10::cuda::CUDAGuard guard(cuda_device_of(op, "pred", pred));
+  const Reduction r = check_l2_loss_args(pred, target, reduction);
+  const c10::cuda::CUDAGuard guard(cuda_device_of("l2_loss", "pred", pred));
   // Non-contiguous inputs are read through a contiguous copy (made only then).
   const auto p = pred.expect_contiguous();
   const auto t = target.expect_contiguous();
@@ -112,33 +82,16 @@ std::tuple<at::Tensor, OptTensor> l2_loss_fwd(const at::Tensor& pred, const at::
 }
 
 at::Tensor l2_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& grad) {
-  constexpr const char* op = "l2_loss (backward)";
-  TORCH_CHECK_VALUE(grad_loss.numel() == 1, op, ": grad_loss must have one element, got shape ",
-                    grad_loss.sizes());
-  check_like(op, "grad_loss", grad_loss, "grad", grad);
-  const c10::cuda::CUDAGuard guard(cuda_device_of(op, "grad", grad));
+  check_l2_loss_bwd_args(grad_loss, grad);
+  const c10::cuda::CUDAGuard guard(cuda_device_of("l2_loss (backward)", "grad", grad));
   return at::mul(grad, grad_loss.reshape({}));
 }
 
 at::Tensor sgd_step(const at::Tensor& x, const at::Tensor& target, const at::Tensor& w1,
                     const at::Tensor& w2, const OptTensor& b1, const OptTensor& b2, double lr,
                     c10::string_view reduction) {
+  check_sgd_step_args(x, target, w1, w2, b1, b2, lr);
   constexpr const char* op = "sgd_step";
-  const Dims d = check_two_layer_args(op, x, w1, b1, w2, b2);
-  check_like(op, "target", target, "x", x);
-  check_shape(op, "target", target, {d.N, d.D_out}, "[N, D_out]");
-  TORCH_CHECK_VALUE(std::isfinite(lr) && lr >= 0, op, ": lr must be a finite number >= 0, got ",
-                    lr);
-  parse_reduction(op, reduction);
-  const at::Tensor* no = nullptr;
-  const at::Tensor* pb1 = b1 ? &*b1 : no;
-  const at::Tensor* pb2 = b2 ? &*b2 : no;
-  check_writable_and_disjoint(op, "w1", w1, {{"x", &x}, {"target", &target}, {"w2", &w2},
-                                             {"b1", pb1}, {"b2", pb2}});
-  check_writable_and_disjoint(op, "w2", w2, {{"x", &x}, {"target", &target}, {"b1", pb1},
-                                             {"b2", pb2}});
-  if (b1) check_writable_and_disjoint(op, "b1", *b1, {{"x", &x}, {"target", &target}, {"b2", pb2}});
-  if (b2) check_writable_and_disjoint(op, "b2", *b2, {{"x", &x}, {"target", &target}});
   const c10::cuda::CUDAGuard guard(cuda_device_of(op, "x", x));
 
   auto [y, act] = two_layer_fwd(x, w1, w2, b1, b2);
