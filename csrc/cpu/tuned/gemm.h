@@ -184,12 +184,12 @@ void gemm(int64_t M, int64_t N, int64_t K, View<T> A, View<T> B, Epi& epi) {
   }
   const bool threads = 2.0 * double(M) * double(N) * double(K) >= kMinFlopsForThreads;
   const int64_t nthreads = threads ? at::get_num_threads() : 1;
-  // Row blocks of at most MC rows, as many as a multiple of the thread count and
-  // of equal size (in whole MR panels), so that every thread gets the same work.
+  // Row blocks of at most about MC rows, as many as a multiple of the thread
+  // count, the MR-row panels dealt out evenly, so every thread gets the same work.
+  const int64_t m_panels = (M + MR - 1) / MR;
   int64_t m_blocks = (M + Tl::MC - 1) / Tl::MC;
-  m_blocks = (m_blocks + nthreads - 1) / nthreads * nthreads;
-  const int64_t mc_step = ((M + m_blocks - 1) / m_blocks + MR - 1) / MR * MR;
-  m_blocks = (M + mc_step - 1) / mc_step;
+  m_blocks = std::min(m_panels, (m_blocks + nthreads - 1) / nthreads * nthreads);
+  auto block_row = [&](int64_t b) { return std::min(M, MR * (m_panels * b / m_blocks)); };
   const int64_t k_blocks = (K + Tl::KC - 1) / Tl::KC;
 
   for (int64_t jc = 0; jc < N; jc += Tl::NC) {
@@ -201,8 +201,9 @@ void gemm(int64_t M, int64_t N, int64_t K, View<T> A, View<T> B, Epi& epi) {
     auto run = [&](int64_t pc_begin, int64_t pc_end, auto panel_at) {
       at::parallel_for(0, tasks, threads ? 1 : tasks, [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) {
-          const int64_t ic = (t / n_chunks) * mc_step, chunk = t % n_chunks;
-          gemm_task(N, K, A, epi, ic, std::min(mc_step, M - ic), jc, n_panels * chunk / n_chunks,
+          const int64_t b = t / n_chunks, chunk = t % n_chunks;
+          const int64_t ic = block_row(b);
+          gemm_task(N, K, A, epi, ic, block_row(b + 1) - ic, jc, n_panels * chunk / n_chunks,
                     n_panels * (chunk + 1) / n_chunks, pc_begin, pc_end, panel_at);
         }
       });
