@@ -6,6 +6,7 @@ Build with the installed torch: pip install --no-build-isolation -e .
 """
 import glob
 import os
+import shlex
 import sys
 
 from setuptools import find_packages, setup
@@ -56,8 +57,11 @@ def extension():
 
     # No -std flag: torch's BuildExtension passes the standard its headers need (C++20 for 2.14).
     cxx = ["-O3", "-fopenmp", "-g0"]
+    # Extra flags go last, so they win (tools/sanitize.sh passes -fsanitize=... -O1 -g this way).
+    cxx += shlex.split(os.environ.get("TWOLAYER_EXTRA_CFLAGS", ""))
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    kwargs = dict(extra_link_args=["-fopenmp"], py_limited_api=True)
+    link = ["-fopenmp"] + shlex.split(os.environ.get("TWOLAYER_EXTRA_LDFLAGS", ""))
+    kwargs = dict(extra_link_args=link, py_limited_api=True)
     if not build_cuda:
         return cpp_extension.CppExtension(
             "twolayer_ext._C", sources, extra_compile_args={"cxx": cxx}, **kwargs)

@@ -3,8 +3,12 @@
 #include <ATen/MemoryOverlap.h>
 #include <c10/core/ScalarType.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <sstream>
+#include <utility>
+#include <vector>
 
 namespace twolayer {
 
@@ -79,16 +83,66 @@ Dims check_two_layer_args(const char* op, const at::Tensor& x, const at::Tensor&
   return d;
 }
 
+namespace {
+
+// at::get_overlap_status and has_internal_overlap answer "too hard" for any
+// tensor that is not dense; these settle those cases instead of refusing them.
+
+// The first and last byte a tensor with elements can touch.
+std::pair<uintptr_t, uintptr_t> byte_span(const at::Tensor& t) {
+  uintptr_t lo = reinterpret_cast<uintptr_t>(t.data_ptr()), hi = lo;
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    const int64_t extent = (t.size(d) - 1) * t.stride(d) * int64_t(t.element_size());
+    if (extent >= 0) hi += uintptr_t(extent);
+    else lo -= uintptr_t(-extent);
+  }
+  return {lo, hi + t.element_size() - 1};
+}
+
+bool may_overlap(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0) return false;
+  switch (at::get_overlap_status(a, b)) {
+    case at::MemOverlapStatus::No: return false;
+    case at::MemOverlapStatus::TooHard: break;
+    default: return true;
+  }
+  if (!a.is_alias_of(b)) return false;  // different storages
+  const auto [a_lo, a_hi] = byte_span(a);
+  const auto [b_lo, b_hi] = byte_span(b);
+  return a_lo <= b_hi && b_lo <= a_hi;  // intervals meet: assume they overlap
+}
+
+// Some element is reachable from two indices (e.g. a stride-0 expanded tensor).
+bool overlaps_itself(const at::Tensor& t) {
+  switch (at::has_internal_overlap(t)) {
+    case at::MemOverlap::No: return false;
+    case at::MemOverlap::Yes: return true;
+    default: break;
+  }
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (|stride|, size) of dims with size > 1
+  for (int64_t d = 0; d < t.dim(); ++d)
+    if (t.size(d) > 1) dims.emplace_back(std::abs(t.stride(d)), t.size(d));
+  std::sort(dims.begin(), dims.end());
+  int64_t reach = 0;  // elements spanned by the smaller-stride dims
+  for (const auto& [stride, size] : dims) {
+    if (stride <= reach) return true;
+    reach += (size - 1) * stride;
+  }
+  return false;
+}
+
+}  // namespace
+
 void check_writable_and_disjoint(
     const char* op, const char* name, const at::Tensor& t,
     std::initializer_list<std::pair<const char*, const at::Tensor*>> others) {
-  TORCH_CHECK_VALUE(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": ", name,
+  TORCH_CHECK_VALUE(!overlaps_itself(t), op, ": ", name,
                     " is updated in place, so its elements must not share memory (an expanded or "
                     "stride-0 tensor cannot be updated); pass a tensor with its own storage");
   for (const auto& [other_name, other] : others) {
     if (other == nullptr || !other->defined()) continue;
-    TORCH_CHECK_VALUE(at::get_overlap_status(t, *other) == at::MemOverlapStatus::No, op, ": ",
-                      name, " is updated in place and must not share memory with ", other_name);
+    TORCH_CHECK_VALUE(!may_overlap(t, *other), op, ": ", name,
+                      " is updated in place and must not share memory with ", other_name);
   }
 }
 

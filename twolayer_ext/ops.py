@@ -84,31 +84,70 @@ def use_cpu_kernel(name):
 
 # ---- fake kernels: shapes, dtypes, devices and strides of the real ones -----------------------
 
+# The fake kernels check what the real ones check (same exception types and messages), so a
+# bad call fails the same way on meta tensors and under torch.compile as in eager mode.
+
 def _fake_check_like(fn, name, t, ref_name, ref):
     torch._check(t.device == ref.device, lambda: (
         f"{fn}: {name} must be on the same device as {ref_name} ({ref.device}), got {t.device}"))
-    torch._check(t.dtype == ref.dtype, lambda: (
+    torch._check_type(t.dtype == ref.dtype, lambda: (
         f"{fn}: {name} must have the same dtype as {ref_name} ({ref.dtype}), got {t.dtype}"))
+
+
+def _fake_check_float(fn, name, t):
+    ok = (torch.float32, torch.float64)
+    if t.device.type == "cuda":
+        ok += (torch.float16, torch.bfloat16)
+    torch._check_type(t.dtype in ok, lambda: (
+        f"{fn}: {name} must be " + " or ".join(str(d).replace("torch.", "") for d in ok) +
+        f" on {t.device}, got {t.dtype}"))
+
+
+def _fake_check_rank(fn, name, t, layout):
+    torch._check_value(t.dim() == 2, lambda: (
+        f"{fn}: {name} must be a 2-D tensor {layout}, got {t.dim()}-D of shape {list(t.shape)}"))
+
+
+def _fake_check_two_layer(fn, x, w1, w2, b1, b2):
+    _fake_check_rank(fn, "x", x, "[N, D_in]")
+    _fake_check_float(fn, "x", x)
+    _fake_check_rank(fn, "w1", w1, "[D_in, H]")
+    _fake_check_rank(fn, "w2", w2, "[H, D_out]")
+    _fake_check_like(fn, "w1", w1, "x", x)
+    _fake_check_like(fn, "w2", w2, "x", x)
+    torch._check_value(w1.shape[0] == x.shape[1], lambda: (
+        f"{fn}: w1 must have shape [D_in, H] with D_in = {x.shape[1]} (x.size(1)), got {list(w1.shape)}"))
+    torch._check_value(w2.shape[0] == w1.shape[1], lambda: (
+        f"{fn}: w2 must have shape [H, D_out] with H = {w1.shape[1]} (w1.size(1)), got {list(w2.shape)}"))
+    for name, b, size, layout in (("b1", b1, w1.shape[1], "[H]"), ("b2", b2, w2.shape[1], "[D_out]")):
+        if b is not None:
+            _fake_check_like(fn, name, b, "x", x)
+            torch._check_value(b.shape == (size,), lambda: (
+                f"{fn}: {name} must have shape {layout} = [{size}], got {list(b.shape)}"))
 
 
 @torch.library.register_fake("twolayer_ext::two_layer_fwd")
 def _two_layer_fwd_fake(x, w1, w2, b1, b2):
-    for name, t in (("w1", w1), ("w2", w2), ("b1", b1), ("b2", b2)):
-        if t is not None:
-            _fake_check_like("two_layer", name, t, "x", x)
-    torch._check(x.dim() == 2 and w1.dim() == 2 and w2.dim() == 2,
-                 lambda: "two_layer: x, w1 and w2 must be 2-D")
-    torch._check(w1.shape[0] == x.shape[1], lambda: "two_layer: w1 must have shape [D_in, H]")
-    torch._check(w2.shape[0] == w1.shape[1], lambda: "two_layer: w2 must have shape [H, D_out]")
+    _fake_check_two_layer("two_layer", x, w1, w2, b1, b2)
     n = x.shape[0]
     return x.new_empty((n, w2.shape[1])), x.new_empty((n, w1.shape[1]))
 
 
 @torch.library.register_fake("twolayer_ext::two_layer_bwd")
 def _two_layer_bwd_fake(grad_y, x, w1, w2, act, output_mask):
+    fn = "two_layer (backward)"
+    _fake_check_rank(fn, "act", act, "[N, H]")
+    _fake_check_float(fn, "act", act)
+    for name, t in (("w2", w2), ("grad_y", grad_y), ("x", x), ("w1", w1)):
+        if t is not None:
+            _fake_check_like(fn, name, t, "act", act)
     n, h = act.shape
     d_out = w2.shape[1]
     need_x, need_w1, need_b1, need_w2, need_b2 = output_mask
+    torch._check_value(not need_w1 or x is not None, lambda: f"{fn}: x [N, D_in] is needed for grad_w1")
+    torch._check_value(not need_x or w1 is not None, lambda: f"{fn}: w1 [D_in, H] is needed for grad_x")
+    torch._check_value(grad_y.shape == (n, d_out), lambda: (
+        f"{fn}: grad_y must have shape [N, D_out] = [{n}, {d_out}], got {list(grad_y.shape)}"))
     return (
         grad_y.new_empty((n, w1.shape[0])) if need_x else None,
         grad_y.new_empty((x.shape[1], h)) if need_w1 else None,
@@ -118,15 +157,27 @@ def _two_layer_bwd_fake(grad_y, x, w1, w2, act, output_mask):
     )
 
 
+def _fake_check_reduction(fn, reduction):
+    torch._check_value(reduction in _REDUCTIONS, lambda: (
+        f'{fn}: reduction must be "sum" or "mean", got "{reduction}"'))
+
+
 @torch.library.register_fake("twolayer_ext::l2_loss_fwd")
 def _l2_loss_fwd_fake(pred, target, reduction, need_grad):
+    _fake_check_reduction("l2_loss", reduction)
+    _fake_check_float("l2_loss", "pred", pred)
     _fake_check_like("l2_loss", "target", target, "pred", pred)
-    torch._check(pred.shape == target.shape, lambda: "l2_loss: target must have pred's shape")
+    torch._check_value(pred.shape == target.shape, lambda: (
+        f"l2_loss: target must have the same shape as pred {list(pred.shape)}, "
+        f"got {list(target.shape)} (no broadcasting)"))
     return pred.new_empty(()), (pred.new_empty(pred.shape) if need_grad else None)
 
 
 @torch.library.register_fake("twolayer_ext::l2_loss_bwd")
 def _l2_loss_bwd_fake(grad_loss, grad):
+    torch._check_value(grad_loss.numel() == 1, lambda: (
+        f"l2_loss (backward): grad_loss must have one element, got shape {list(grad_loss.shape)}"))
+    _fake_check_like("l2_loss (backward)", "grad_loss", grad_loss, "grad", grad)
     return grad.new_empty(grad.shape)
 
 
@@ -222,5 +273,12 @@ def sgd_step(x, target, w1, w2, b1=None, b2=None, *, lr, reduction="sum"):
 
 @torch.library.register_fake("twolayer_ext::sgd_step")
 def _sgd_step_fake(x, target, w1, w2, b1, b2, lr, reduction):
+    _fake_check_two_layer("sgd_step", x, w1, w2, b1, b2)
     _fake_check_like("sgd_step", "target", target, "x", x)
+    torch._check_value(target.shape == (x.shape[0], w2.shape[1]), lambda: (
+        f"sgd_step: target must have shape [N, D_out] = [{x.shape[0]}, {w2.shape[1]}], "
+        f"got {list(target.shape)}"))
+    torch._check_value(lr >= 0 and lr != float("inf"), lambda: (
+        f"sgd_step: lr must be a finite number >= 0, got {lr}"))
+    _fake_check_reduction("sgd_step", reduction)
     return x.new_empty(())
