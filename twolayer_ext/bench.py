@@ -6,8 +6,9 @@
 Every backend trains the same problem (weights scaled by 1/sqrt(fan_in) so that the loss stays
 finite at every size; the tutorial's unscaled draw overflows at the large sizes) from the same
 initial arrays. Timing is torch.utils.benchmark (which synchronises CUDA), in interleaved rounds:
-each round times every backend once, and the table reports the median over rounds with its
-interquartile range. A backend whose loss goes non-finite is reported as such, not timed.
+each round times every backend once (numpy in rounds of its own after the others, so that
+OpenBLAS's spinning threads do not steal cores from them), and the table reports the median over
+rounds with its interquartile range. A backend whose loss goes non-finite is reported as such, not timed.
 """
 import argparse
 import json
@@ -238,14 +239,17 @@ def measure(size_name, shape, dtype, device, backends, args, progress):
         timer = benchmark.Timer("step()", globals={"step": step}, num_threads=args.threads)
         steps[name] = (step, timer, number)
         results[name] = {"times": []}
-    # Interleaved rounds, the order rotated each round, so drifts hit every backend alike.
+    # Interleaved rounds, the order rotated each round, so drifts hit every backend alike. numpy
+    # gets its rounds after the others: OpenBLAS's threads spin for a while after each call and
+    # would take cores from whatever ran next (torch's OpenMP threads do the same to it).
     names = list(steps)
-    for r in range(args.rounds):
-        order = names[r % len(names):] + names[:r % len(names)] if names else []
-        for name in order:
-            progress(f"{size_name} round {r + 1}/{args.rounds} {name}")
-            step, timer, number = steps[name]
-            results[name]["times"].append(timer.timeit(number).mean)
+    for group in ([n for n in names if n != "numpy"], [n for n in names if n == "numpy"]):
+        for r in range(args.rounds if group else 0):
+            order = group[r % len(group):] + group[:r % len(group)]
+            for name in order:
+                progress(f"{size_name} round {r + 1}/{args.rounds} {name}")
+                step, timer, number = steps[name]
+                results[name]["times"].append(timer.timeit(number).mean)
     for name in names:
         if not finite(steps[name][0]()):
             results[name] = {"status": "non-finite loss"}
