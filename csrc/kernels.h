@@ -22,42 +22,38 @@ namespace twolayer {
 using OptTensor = std::optional<at::Tensor>;
 using Grads5 = std::tuple<OptTensor, OptTensor, OptTensor, OptTensor, OptTensor>;
 
+// The op kernels of one device, declared alike for each.
+#define TWOLAYER_DECLARE_OP_KERNELS                                                          \
+  std::tuple<at::Tensor, at::Tensor> two_layer_fwd(const at::Tensor& x, const at::Tensor& w1, \
+                                                   const at::Tensor& w2, const OptTensor& b1, \
+                                                   const OptTensor& b2);                     \
+  Grads5 two_layer_bwd(const at::Tensor& grad_y, const OptTensor& x, const OptTensor& w1,     \
+                       const at::Tensor& w2, const at::Tensor& act,                          \
+                       std::array<bool, 5> output_mask);                                     \
+  std::tuple<at::Tensor, OptTensor> l2_loss_fwd(const at::Tensor& pred,                      \
+                                                const at::Tensor& target,                    \
+                                                c10::string_view reduction, bool need_grad); \
+  at::Tensor l2_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& grad);               \
+  /* Forward, loss, backward at the current weights, then w -= lr * grad in place for w1,  \
+     w2 and the biases present. Returns the loss before the update. */                      \
+  at::Tensor sgd_step(const at::Tensor& x, const at::Tensor& target, const at::Tensor& w1,   \
+                      const at::Tensor& w2, const OptTensor& b1, const OptTensor& b2,        \
+                      double lr, c10::string_view reduction);
+
 namespace cpu {
+TWOLAYER_DECLARE_OP_KERNELS
 // The CPU kernel variant used by every op: "tuned" (default) or "reference";
 // returns the previous one. TWOLAYER_CPU_KERNEL sets the initial choice.
 std::string set_kernel_variant(c10::string_view name);
 std::string kernel_info();  // e.g. "tuned (avx2+fma, threads: 2)"
-std::tuple<at::Tensor, at::Tensor> two_layer_fwd(const at::Tensor& x, const at::Tensor& w1,
-                                                 const at::Tensor& w2, const OptTensor& b1,
-                                                 const OptTensor& b2);
-Grads5 two_layer_bwd(const at::Tensor& grad_y, const OptTensor& x, const OptTensor& w1,
-                     const at::Tensor& w2, const at::Tensor& act, std::array<bool, 5> output_mask);
-std::tuple<at::Tensor, OptTensor> l2_loss_fwd(const at::Tensor& pred, const at::Tensor& target,
-                                              c10::string_view reduction, bool need_grad);
-at::Tensor l2_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& grad);
-// One SGD step: forward, loss, backward at the current weights, then w -= lr * grad in
-// place for w1, w2 and the biases present. Returns the loss before the update.
-at::Tensor sgd_step(const at::Tensor& x, const at::Tensor& target, const at::Tensor& w1,
-                    const at::Tensor& w2, const OptTensor& b1, const OptTensor& b2, double lr,
-                    c10::string_view reduction);
 }  // namespace cpu
 
 #ifdef TWOLAYER_WITH_CUDA
 namespace cuda {
-std::tuple<at::Tensor, at::Tensor> two_layer_fwd(const at::Tensor& x, const at::Tensor& w1,
-                                                 const at::Tensor& w2, const OptTensor& b1,
-                                                 const OptTensor& b2);
-Grads5 two_layer_bwd(const at::Tensor& grad_y, const OptTensor& x, const OptTensor& w1,
-                     const at::Tensor& w2, const at::Tensor& act, std::array<bool, 5> output_mask);
-std::tuple<at::Tensor, OptTensor> l2_loss_fwd(const at::Tensor& pred, const at::Tensor& target,
-                                              c10::string_view reduction, bool need_grad);
-at::Tensor l2_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& grad);
-// One SGD step: forward, loss, backward at the current weights, then w -= lr * grad in
-// place for w1, w2 and the biases present. Returns the loss before the update.
-at::Tensor sgd_step(const at::Tensor& x, const at::Tensor& target, const at::Tensor& w1,
-                    const at::Tensor& w2, const OptTensor& b1, const OptTensor& b2, double lr,
-                    c10::string_view reduction);
+TWOLAYER_DECLARE_OP_KERNELS
 }  // namespace cuda
 #endif
+
+#undef TWOLAYER_DECLARE_OP_KERNELS
 
 }  // namespace twolayer

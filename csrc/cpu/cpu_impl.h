@@ -79,6 +79,22 @@ TWOLAYER_DECLARE_VARIANT(reference)
 template <typename T>
 double squared_error_sum(const T* p, const T* t, T* g, T scale2, int64_t n);
 
+// w -= lr * grad for every weight of the step, from row-major gradients (biases
+// only where present).
+template <typename T>
+void apply_sgd_update(const StepArgs<T>& s, const T* gw1, const T* gw2, const T* gb1,
+                      const T* gb2) {
+  const Dims d = s.d;
+  for (int64_t i = 0; i < d.D_in; ++i)
+    for (int64_t j = 0; j < d.H; ++j) s.w1(i, j) -= s.lr * gw1[i * d.H + j];
+  for (int64_t i = 0; i < d.H; ++i)
+    for (int64_t j = 0; j < d.D_out; ++j) s.w2(i, j) -= s.lr * gw2[i * d.D_out + j];
+  if (s.b1)
+    for (int64_t j = 0; j < d.H; ++j) s.b1[j] -= s.lr * gb1[j];
+  if (s.b2)
+    for (int64_t j = 0; j < d.D_out; ++j) s.b2[j] -= s.lr * gb2[j];
+}
+
 // The ReLU with its mask in the sign bit: h < 0 ? -0.0 : |h| (NaN kept, sign cleared).
 template <typename T>
 inline T relu_with_sign_mask(T h) {

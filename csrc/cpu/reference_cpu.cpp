@@ -92,12 +92,7 @@ double sgd_step(const StepArgs<T>& s) {
   const double total = squared_error_sum<T>(y.data(), t.data(), grad_y.data(), scale2, d.N * d.D_out);
   backward<T>({d, row_major<T>(grad_y.data(), d.D_out), s.x, w1, w2, act.data(), nullptr,
                gw1.data(), s.b1 ? gb1.data() : nullptr, gw2.data(), s.b2 ? gb2.data() : nullptr});
-  for (int64_t i = 0; i < d.D_in; ++i)
-    for (int64_t j = 0; j < d.H; ++j) s.w1(i, j) -= s.lr * gw1[i * d.H + j];
-  for (int64_t i = 0; i < d.H; ++i)
-    for (int64_t j = 0; j < d.D_out; ++j) s.w2(i, j) -= s.lr * gw2[i * d.D_out + j];
-  if (s.b1) for (int64_t j = 0; j < d.H; ++j) s.b1[j] -= s.lr * gb1[j];
-  if (s.b2) for (int64_t j = 0; j < d.D_out; ++j) s.b2[j] -= s.lr * gb2[j];
+  apply_sgd_update(s, gw1.data(), gw2.data(), gb1.data(), gb2.data());
   return s.mean ? total / n : total;
 }
 

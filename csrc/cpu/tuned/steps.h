@@ -196,12 +196,7 @@ double sgd_step_row_blocked(const StepArgs<T>& s, const T* b1, const T* b2) {
   const T* gw2 = gw1 + d.D_in * d.H;
   const T* gb1 = gw2 + d.H * d.D_out;
   const T* gb2 = gb1 + d.H;
-  for (int64_t i = 0; i < d.D_in; ++i)
-    for (int64_t j = 0; j < d.H; ++j) s.w1(i, j) -= s.lr * gw1[i * d.H + j];
-  for (int64_t i = 0; i < d.H; ++i)
-    for (int64_t j = 0; j < d.D_out; ++j) s.w2(i, j) -= s.lr * gw2[i * d.D_out + j];
-  if (s.b1) for (int64_t j = 0; j < d.H; ++j) s.b1[j] -= s.lr * gb1[j];
-  if (s.b2) for (int64_t j = 0; j < d.D_out; ++j) s.b2[j] -= s.lr * gb2[j];
+  apply_sgd_update(s, gw1, gw2, gb1, gb2);
   double total = 0.0;
   for (int64_t g = 0; g < kGroups; ++g) total += group_loss[g];
   return s.mean ? total / n : total;
