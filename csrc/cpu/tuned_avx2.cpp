@@ -1,15 +1,7 @@
 // The tuned kernels compiled for AVX2 + FMA (chosen at run time when the CPU has them).
-#include <ATen/Parallel.h>
-
 #include <immintrin.h>
 
-#include <algorithm>
-#include <cmath>
-#include <cstdlib>
-#include <new>
-#include <vector>
-
-#include "cpu_impl.h"
+#include "tuned/prelude.h"
 
 #if defined(__x86_64__)
 #pragma GCC push_options

@@ -22,10 +22,11 @@ namespace {
 
 enum class Variant : int { Tuned = 0, Reference = 1 };
 
-Variant variant_from_name(c10::string_view name) {
+// `what` names where the name came from, for the error.
+Variant variant_from_name(c10::string_view name, const char* what) {
   if (name == "tuned") return Variant::Tuned;
   if (name == "reference") return Variant::Reference;
-  TORCH_CHECK_VALUE(false, "set_cpu_kernel: name must be \"tuned\" or \"reference\", got \"",
+  TORCH_CHECK_VALUE(false, what, " must be \"tuned\" or \"reference\", got \"",
                     std::string(name.data(), name.size()), "\"");
 }
 
@@ -33,7 +34,7 @@ Variant variant_from_name(c10::string_view name) {
 std::atomic<int>& current_variant() {
   static std::atomic<int> v{[] {
     const char* env = std::getenv("TWOLAYER_CPU_KERNEL");
-    return int(env && *env ? variant_from_name(env) : Variant::Tuned);
+    return int(env && *env ? variant_from_name(env, "TWOLAYER_CPU_KERNEL") : Variant::Tuned);
   }()};
   return v;
 }
@@ -93,7 +94,7 @@ constexpr int64_t kElementwiseGrain = 1 << 15;
 }  // namespace
 
 std::string set_kernel_variant(c10::string_view name) {
-  const Variant v = variant_from_name(name);
+  const Variant v = variant_from_name(name, "set_cpu_kernel: name");
   return current_variant().exchange(int(v)) == int(Variant::Reference) ? "reference" : "tuned";
 }
 

@@ -1,6 +1,6 @@
 // The body of one ISA build of the tuned kernels. tuned_avx2.cpp and
-// tuned_portable.cpp include it inside their own namespace, after every
-// header it needs, with or without `#pragma GCC target("avx2,fma")` in force
+// tuned_portable.cpp include it inside their own namespace, after tuned/prelude.h
+// (every header it needs), with or without `#pragma GCC target("avx2,fma")` in force
 // (setuptools cannot give one file its own flags; the pragma does, and no
 // -march flag reaches the rest of the build). Nothing here includes headers.
 #include "gemm.h"

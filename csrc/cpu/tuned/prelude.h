@@ -1,0 +1,14 @@
+// The headers every ISA build of the tuned kernels needs, included before any
+// target pragma (so that their inline functions stay baseline code); the
+// tuned/*.h bodies include nothing themselves.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <new>
+#include <vector>
+
+#include "../cpu_impl.h"
