@@ -32,6 +32,9 @@ def choose_backend():
         missing.append("no CUDA toolkit found (set CUDA_HOME to the folder holding bin/nvcc)")
     if not glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")):
         missing.append("no CUDA sources in csrc/cuda")
+    if not missing and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        # torch picks the architectures from the visible GPUs, and crashes when there are none.
+        missing.append("no GPU visible to choose an architecture for (set TORCH_CUDA_ARCH_LIST, e.g. 9.0)")
     if missing:
         if forced == "1":
             sys.exit("twolayer_ext: TWOLAYER_CUDA=1 but CUDA cannot be built: " + "; ".join(missing))
