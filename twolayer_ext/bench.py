@@ -47,6 +47,10 @@ def step_flops(N, D_in, H, D_out):
 
 # ---- backends: each builds its own copy of the state and returns step() -> loss -------------
 
+def _torch_xy(x, y, device, dtype):
+    return tuple(torch.tensor(a, device=device).to(dtype) for a in (x, y))
+
+
 def _torch_state(p, device, dtype, requires_grad=False):
     return {k: None if v is None else
             torch.tensor(v, device=device).to(dtype).requires_grad_(requires_grad)
@@ -61,20 +65,20 @@ def make_numpy(x, y, params, lr, device, dtype):
 
 
 def make_manual(x, y, params, lr, device, dtype):
-    xt, yt = (torch.tensor(a, device=device).to(dtype) for a in (x, y))
+    xt, yt = _torch_xy(x, y, device, dtype)
     p = _torch_state(params, device, dtype)
     return lambda: R.manual_sgd_step(xt, yt, p, lr)
 
 
 def make_autograd(x, y, params, lr, device, dtype):
-    xt, yt = (torch.tensor(a, device=device).to(dtype) for a in (x, y))
+    xt, yt = _torch_xy(x, y, device, dtype)
     p = _torch_state(params, device, dtype, requires_grad=True)
     return lambda: R.autograd_sgd_step(xt, yt, p, lr)
 
 
 def make_module(x, y, params, lr, device, dtype):
     """What a PyTorch user writes: nn.Sequential + MSELoss(sum) + torch.optim.SGD."""
-    xt, yt = (torch.tensor(a, device=device).to(dtype) for a in (x, y))
+    xt, yt = _torch_xy(x, y, device, dtype)
     bias = params["b1"] is not None
     D_in, H = params["w1"].shape
     D_out = params["w2"].shape[1]
@@ -112,7 +116,7 @@ def _manual_step(x, y, w1, w2, b1, b2, lr: float):
 
 def make_compile(x, y, params, lr, device, dtype):
     """torch.compile (inductor, default mode) of the tutorial's manual step."""
-    xt, yt = (torch.tensor(a, device=device).to(dtype) for a in (x, y))
+    xt, yt = _torch_xy(x, y, device, dtype)
     p = _torch_state(params, device, dtype)
     fn = torch.compile(_manual_step, fullgraph=True)
     return lambda: fn(xt, yt, p["w1"], p["w2"], p["b1"], p["b2"], lr)
@@ -120,7 +124,7 @@ def make_compile(x, y, params, lr, device, dtype):
 
 def make_ext_autograd(x, y, params, lr, device, dtype):
     """two_layer + l2_loss + autograd + an in-place SGD update."""
-    xt, yt = (torch.tensor(a, device=device).to(dtype) for a in (x, y))
+    xt, yt = _torch_xy(x, y, device, dtype)
     p = _torch_state(params, device, dtype, requires_grad=True)
     weights = [w for w in p.values() if w is not None]
 
@@ -135,7 +139,7 @@ def make_ext_autograd(x, y, params, lr, device, dtype):
 
 def make_sgd_step(variant):
     def make(x, y, params, lr, device, dtype):
-        xt, yt = (torch.tensor(a, device=device).to(dtype) for a in (x, y))
+        xt, yt = _torch_xy(x, y, device, dtype)
         p = _torch_state(params, device, dtype)
 
         def step():
@@ -153,7 +157,7 @@ def make_sgd_step(variant):
 
 def make_gemm_floor(x, y, params, lr, device, dtype):
     """Not a training step: the five bare torch.mm calls of one (BLAS / cuBLAS), as a floor."""
-    xt, yt = (torch.tensor(a, device=device).to(dtype) for a in (x, y))
+    xt, yt = _torch_xy(x, y, device, dtype)
     w1, w2 = (torch.tensor(params[k], device=device).to(dtype) for k in ("w1", "w2"))
     N, H, D_out = xt.shape[0], w1.shape[1], w2.shape[1]
     h = torch.empty(N, H, device=device, dtype=dtype)

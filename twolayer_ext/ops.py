@@ -157,14 +157,9 @@ def _two_layer_bwd_fake(grad_y, x, w1, w2, act, output_mask):
     )
 
 
-def _fake_check_reduction(fn, reduction):
-    torch._check_value(reduction in _REDUCTIONS, lambda: (
-        f'{fn}: reduction must be "sum" or "mean", got "{reduction}"'))
-
-
 @torch.library.register_fake("twolayer_ext::l2_loss_fwd")
 def _l2_loss_fwd_fake(pred, target, reduction, need_grad):
-    _fake_check_reduction("l2_loss", reduction)
+    _require_reduction("l2_loss", reduction)
     _fake_check_float("l2_loss", "pred", pred)
     _fake_check_like("l2_loss", "target", target, "pred", pred)
     torch._check_value(pred.shape == target.shape, lambda: (
@@ -280,5 +275,5 @@ def _sgd_step_fake(x, target, w1, w2, b1, b2, lr, reduction):
         f"got {list(target.shape)}"))
     torch._check_value(lr >= 0 and lr != float("inf"), lambda: (
         f"sgd_step: lr must be a finite number >= 0, got {lr}"))
-    _fake_check_reduction("sgd_step", reduction)
+    _require_reduction("sgd_step", reduction)
     return x.new_empty(())

@@ -25,7 +25,21 @@ struct MutView {  // a writable strided 2-D view
   T* p;
   int64_t rs, cs;
   T& operator()(int64_t i, int64_t j) const { return p[i * rs + j * cs]; }
+  View<T> view() const { return {p, rs, cs}; }
 };
+
+template <typename T>
+View<T> row_major(const T* p, int64_t cols) {
+  return {p, cols, 1};
+}
+
+// Sums v[0, n) pairwise, in place, in a fixed order: O(log n) error growth, the
+// same bits for any thread count.
+inline double pairwise_sum(double* v, int64_t n) {
+  for (int64_t width = 1; width < n; width *= 2)
+    for (int64_t i = 0; i + width < n; i += 2 * width) v[i] += v[i + width];
+  return n ? v[0] : 0.0;
+}
 
 template <typename T>
 struct Bias {  // an optional strided vector (p == nullptr: absent)

@@ -33,11 +33,6 @@ void column_sums(const T* g, int64_t rows, int64_t cols, T* out) {
     for (int64_t j = 0; j < cols; ++j) out[j] += g[i * cols + j];
 }
 
-template <typename T>
-View<T> row_major(const T* p, int64_t cols) {
-  return {p, cols, 1};
-}
-
 }  // namespace
 
 template <typename T>
@@ -61,12 +56,11 @@ void backward(const BackwardArgs<T>& a) {
   const Dims d = a.d;
   const View<T> act = row_major<T>(a.act, d.H);
   if (a.grad_w2) matmul(d.H, d.D_out, d.N, act.t(), a.grad_y, a.grad_w2);
-  if (a.grad_b2) {
-    std::vector<T> g(d.N * d.D_out);
-    for (int64_t i = 0; i < d.N; ++i)
-      for (int64_t j = 0; j < d.D_out; ++j) g[i * d.D_out + j] = a.grad_y.p[i * a.grad_y.rs + j * a.grad_y.cs];
-    column_sums(g.data(), d.N, d.D_out, a.grad_b2);
-  }
+  if (a.grad_b2)  // grad_y may be strided: summed through its view
+    for (int64_t j = 0; j < d.D_out; ++j) {
+      a.grad_b2[j] = T(0);
+      for (int64_t i = 0; i < d.N; ++i) a.grad_b2[j] += a.grad_y.p[i * a.grad_y.rs + j * a.grad_y.cs];
+    }
   if (!a.grad_x && !a.grad_w1 && !a.grad_b1) return;
   std::vector<T> grad_h(d.N * d.H);
   matmul(d.N, d.H, d.D_out, a.grad_y, a.w2.t(), grad_h.data());  // grad_y @ w2^T
@@ -83,7 +77,7 @@ double sgd_step(const StepArgs<T>& s) {
   const Dims d = s.d;
   std::vector<T> act(d.N * d.H), y(d.N * d.D_out), t(d.N * d.D_out), grad_y(d.N * d.D_out);
   std::vector<T> gw1(d.D_in * d.H), gb1(d.H), gw2(d.H * d.D_out), gb2(d.D_out);
-  const View<T> w1{s.w1.p, s.w1.rs, s.w1.cs}, w2{s.w2.p, s.w2.rs, s.w2.cs};
+  const View<T> w1 = s.w1.view(), w2 = s.w2.view();
   forward<T>({d, s.x, w1, w2, {s.b1.p, s.b1.stride}, {s.b2.p, s.b2.stride}, act.data(), y.data()});
   for (int64_t i = 0; i < d.N; ++i)
     for (int64_t j = 0; j < d.D_out; ++j) t[i * d.D_out + j] = s.target.p[i * s.target.rs + j * s.target.cs];

@@ -112,7 +112,11 @@ double squared_error_sum(const T* p, const T* t, T* g, T scale2, int64_t n) {
   // any thread count, and O(log n) error growth for very large losses.
   constexpr int64_t kChunk = 4096;
   const int64_t chunks = (n + kChunk - 1) / kChunk;
-  std::vector<double> partial(chunks, 0.0);
+  // Reused across calls. A pointer, not the thread_local itself, goes into the parallel
+  // body: there the name would mean each worker thread's own (empty) vector.
+  thread_local std::vector<double> buffer;
+  buffer.assign(chunks, 0.0);
+  double* partial = buffer.data();
   at::parallel_for(0, chunks, kElementwiseGrain / kChunk, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t begin = c * kChunk, end = std::min(n, begin + kChunk);
@@ -134,9 +138,7 @@ double squared_error_sum(const T* p, const T* t, T* g, T scale2, int64_t n) {
                    ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
     }
   });
-  for (int64_t width = 1; width < chunks; width *= 2)
-    for (int64_t c = 0; c + width < chunks; c += 2 * width) partial[c] += partial[c + width];
-  return chunks ? partial[0] : 0.0;
+  return pairwise_sum(partial, chunks);
 }
 template double squared_error_sum<float>(const float*, const float*, float*, float, int64_t);
 template double squared_error_sum<double>(const double*, const double*, double*, double, int64_t);

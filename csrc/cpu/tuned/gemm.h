@@ -32,62 +32,56 @@ constexpr double kMinFlopsForThreads = 4e6;
 // tile[MR][NR] = sum over k < kc of A-panel (x) B-panel. The A panel is read in
 // place: row r, step k at a[r][k] = rows[r] + k * ks. B is packed k-major.
 #ifdef TWOLAYER_AVX2_KERNELS  // set by tuned_avx2.cpp, under its target pragma
-inline void micro_kernel(int64_t kc, const float* const* rows, int64_t ks, const float* b,
-                         float* tile) {
-  const float *a0 = rows[0], *a1 = rows[1], *a2 = rows[2], *a3 = rows[3], *a4 = rows[4],
-              *a5 = rows[5];
-  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
-         c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-  for (int64_t k = 0, o = 0; k < kc; ++k, o += ks, b += 16) {
-    const __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
-    __m256 x = _mm256_broadcast_ss(a0 + o);
-    c00 = _mm256_fmadd_ps(x, b0, c00), c01 = _mm256_fmadd_ps(x, b1, c01);
-    x = _mm256_broadcast_ss(a1 + o);
-    c10 = _mm256_fmadd_ps(x, b0, c10), c11 = _mm256_fmadd_ps(x, b1, c11);
-    x = _mm256_broadcast_ss(a2 + o);
-    c20 = _mm256_fmadd_ps(x, b0, c20), c21 = _mm256_fmadd_ps(x, b1, c21);
-    x = _mm256_broadcast_ss(a3 + o);
-    c30 = _mm256_fmadd_ps(x, b0, c30), c31 = _mm256_fmadd_ps(x, b1, c31);
-    x = _mm256_broadcast_ss(a4 + o);
-    c40 = _mm256_fmadd_ps(x, b0, c40), c41 = _mm256_fmadd_ps(x, b1, c41);
-    x = _mm256_broadcast_ss(a5 + o);
-    c50 = _mm256_fmadd_ps(x, b0, c50), c51 = _mm256_fmadd_ps(x, b1, c51);
-  }
-  _mm256_store_ps(tile + 0, c00), _mm256_store_ps(tile + 8, c01);
-  _mm256_store_ps(tile + 16, c10), _mm256_store_ps(tile + 24, c11);
-  _mm256_store_ps(tile + 32, c20), _mm256_store_ps(tile + 40, c21);
-  _mm256_store_ps(tile + 48, c30), _mm256_store_ps(tile + 56, c31);
-  _mm256_store_ps(tile + 64, c40), _mm256_store_ps(tile + 72, c41);
-  _mm256_store_ps(tile + 80, c50), _mm256_store_ps(tile + 88, c51);
-}
+template <typename T>
+struct Ymm;  // the 256-bit vector operations the micro-kernel needs, per element type
+template <>
+struct Ymm<float> {
+  using V = __m256;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V load(const float* p) { return _mm256_load_ps(p); }
+  static V broadcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static void store(float* p, V v) { _mm256_store_ps(p, v); }
+};
+template <>
+struct Ymm<double> {
+  using V = __m256d;
+  static V zero() { return _mm256_setzero_pd(); }
+  static V load(const double* p) { return _mm256_load_pd(p); }
+  static V broadcast(const double* p) { return _mm256_broadcast_sd(p); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
+  static void store(double* p, V v) { _mm256_store_pd(p, v); }
+};
 
-inline void micro_kernel(int64_t kc, const double* const* rows, int64_t ks, const double* b,
-                         double* tile) {
-  const double *a0 = rows[0], *a1 = rows[1], *a2 = rows[2], *a3 = rows[3], *a4 = rows[4],
-               *a5 = rows[5];
-  __m256d c00 = _mm256_setzero_pd(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
-          c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-  for (int64_t k = 0, o = 0; k < kc; ++k, o += ks, b += 8) {
-    const __m256d b0 = _mm256_load_pd(b), b1 = _mm256_load_pd(b + 4);
-    __m256d x = _mm256_broadcast_sd(a0 + o);
-    c00 = _mm256_fmadd_pd(x, b0, c00), c01 = _mm256_fmadd_pd(x, b1, c01);
-    x = _mm256_broadcast_sd(a1 + o);
-    c10 = _mm256_fmadd_pd(x, b0, c10), c11 = _mm256_fmadd_pd(x, b1, c11);
-    x = _mm256_broadcast_sd(a2 + o);
-    c20 = _mm256_fmadd_pd(x, b0, c20), c21 = _mm256_fmadd_pd(x, b1, c21);
-    x = _mm256_broadcast_sd(a3 + o);
-    c30 = _mm256_fmadd_pd(x, b0, c30), c31 = _mm256_fmadd_pd(x, b1, c31);
-    x = _mm256_broadcast_sd(a4 + o);
-    c40 = _mm256_fmadd_pd(x, b0, c40), c41 = _mm256_fmadd_pd(x, b1, c41);
-    x = _mm256_broadcast_sd(a5 + o);
-    c50 = _mm256_fmadd_pd(x, b0, c50), c51 = _mm256_fmadd_pd(x, b1, c51);
+// 6 rows x 2 vectors: 12 accumulators, two B vectors per k, each row's A value broadcast.
+template <typename T>
+inline void micro_kernel(int64_t kc, const T* const* rows, int64_t ks, const T* b, T* tile) {
+  using Y = Ymm<T>;
+  constexpr int W = Tiles<T>::NR / 2;  // elements per vector
+  const T *a0 = rows[0], *a1 = rows[1], *a2 = rows[2], *a3 = rows[3], *a4 = rows[4], *a5 = rows[5];
+  typename Y::V c00 = Y::zero(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
+                c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  for (int64_t k = 0, o = 0; k < kc; ++k, o += ks, b += 2 * W) {
+    const typename Y::V b0 = Y::load(b), b1 = Y::load(b + W);
+    typename Y::V x = Y::broadcast(a0 + o);
+    c00 = Y::fma(x, b0, c00), c01 = Y::fma(x, b1, c01);
+    x = Y::broadcast(a1 + o);
+    c10 = Y::fma(x, b0, c10), c11 = Y::fma(x, b1, c11);
+    x = Y::broadcast(a2 + o);
+    c20 = Y::fma(x, b0, c20), c21 = Y::fma(x, b1, c21);
+    x = Y::broadcast(a3 + o);
+    c30 = Y::fma(x, b0, c30), c31 = Y::fma(x, b1, c31);
+    x = Y::broadcast(a4 + o);
+    c40 = Y::fma(x, b0, c40), c41 = Y::fma(x, b1, c41);
+    x = Y::broadcast(a5 + o);
+    c50 = Y::fma(x, b0, c50), c51 = Y::fma(x, b1, c51);
   }
-  _mm256_store_pd(tile + 0, c00), _mm256_store_pd(tile + 4, c01);
-  _mm256_store_pd(tile + 8, c10), _mm256_store_pd(tile + 12, c11);
-  _mm256_store_pd(tile + 16, c20), _mm256_store_pd(tile + 20, c21);
-  _mm256_store_pd(tile + 24, c30), _mm256_store_pd(tile + 28, c31);
-  _mm256_store_pd(tile + 32, c40), _mm256_store_pd(tile + 36, c41);
-  _mm256_store_pd(tile + 40, c50), _mm256_store_pd(tile + 44, c51);
+  Y::store(tile + 0 * W, c00), Y::store(tile + 1 * W, c01);
+  Y::store(tile + 2 * W, c10), Y::store(tile + 3 * W, c11);
+  Y::store(tile + 4 * W, c20), Y::store(tile + 5 * W, c21);
+  Y::store(tile + 6 * W, c30), Y::store(tile + 7 * W, c31);
+  Y::store(tile + 8 * W, c40), Y::store(tile + 9 * W, c41);
+  Y::store(tile + 10 * W, c50), Y::store(tile + 11 * W, c51);
 }
 #else
 template <typename T>

@@ -3,11 +3,6 @@
 // nothing per call: its intermediates live in a per-thread workspace.
 // Included inside an ISA namespace (see gemm.h); includes nothing itself.
 
-template <typename T>
-View<T> row_major(const T* p, int64_t cols) {
-  return {p, cols, 1};
-}
-
 // Per-thread arenas, grown on demand and reused across calls; one per use, so
 // that no two live buffers share one.
 enum Arena { kActivations, kLossPartials, kColumnSums, kGroupSums };
@@ -57,12 +52,6 @@ void column_sums(const T* g, int64_t rows, int64_t cols, Combine combine) {
   }
 }
 
-inline double pairwise_sum(double* v, int64_t n) {
-  for (int64_t width = 1; width < n; width *= 2)
-    for (int64_t i = 0; i + width < n; i += 2 * width) v[i] += v[i + width];
-  return n ? v[0] : 0.0;
-}
-
 // act = relu(x @ w1 + b1), the mask in the sign bit.
 template <typename T>
 void layer1(const Dims& d, View<T> x, View<T> w1, const T* b1, T* act) {
@@ -73,6 +62,13 @@ void layer1(const Dims& d, View<T> x, View<T> w1, const T* b1, T* act) {
     auto e = into(act, d.H, BiasRelu<T, false>{nullptr});
     gemm<T>(d.N, d.H, d.D_in, x, w1, e);
   }
+}
+
+// grad_h [n, H] = grad_y @ w2^T, zeroed where the forward's ReLU blocked.
+template <typename T>
+void hidden_grad(int64_t n, const Dims& d, View<T> grad_y, View<T> w2, const T* act, T* grad_h) {
+  auto e = into(grad_h, d.H, ReluMask<T>{act, d.H});
+  gemm<T>(n, d.H, d.D_out, grad_y, w2.t(), e);
 }
 
 template <typename T>
@@ -107,8 +103,7 @@ void backward_impl(const BackwardArgs<T>& a) {
   }
   if (!a.grad_x && !a.grad_w1 && !a.grad_b1) return;
   T* grad_h = workspace<T, kActivations>(d.N * d.H);
-  auto masked = into(grad_h, d.H, ReluMask<T>{a.act, d.H});
-  gemm<T>(d.N, d.H, d.D_out, a.grad_y, a.w2.t(), masked);
+  hidden_grad(d.N, d, a.grad_y, a.w2, a.act, grad_h);
   const View<T> gh = row_major<T>(grad_h, d.H);
   if (a.grad_w1) {
     auto e = into(a.grad_w1, d.H, Store<T>{});
@@ -150,12 +145,12 @@ double sgd_step_row_blocked(const StepArgs<T>& s, const T* b1, const T* b2) {
   constexpr int64_t kRows = 192, kGroups = 8;
   const int64_t tiles = (d.D_out + Tiles<T>::NR - 1) / Tiles<T>::NR;
   const int64_t blocks = (d.N + kRows - 1) / kRows;
-  // Per group: grad_w1 [D_in, H], grad_w2 [H, D_out], grad_b1 [H], grad_b2 [D_out], loss.
-  const int64_t per_group = d.D_in * d.H + d.H * d.D_out + d.H + d.D_out + 1;
+  // Per group: grad_w1 [D_in, H], grad_w2 [H, D_out], grad_b1 [H], grad_b2 [D_out].
+  const int64_t per_group = d.D_in * d.H + d.H * d.D_out + d.H + d.D_out;
   T* sums = workspace<T, kGroupSums>(kGroups * per_group);
   std::fill(sums, sums + kGroups * per_group, T(0));
   double group_loss[kGroups] = {};
-  const View<T> w1{s.w1.p, s.w1.rs, s.w1.cs}, w2{s.w2.p, s.w2.rs, s.w2.cs};
+  const View<T> w1 = s.w1.view(), w2 = s.w2.view();
   const double n = double(d.N * d.D_out);
   const T scale2 = T(s.mean ? 2.0 / n : 2.0);
 
@@ -177,8 +172,7 @@ double sgd_step_row_blocked(const StepArgs<T>& s, const T* b1, const T* b2) {
         layer1(bd, x, w1, b1, act);
         loss_grad(rows, bd, act, w2, b2, t, scale2, grad_y, sq, tiles);
         group_loss[g] += pairwise_sum(sq, rows * tiles);
-        auto masked = into(grad_h, d.H, ReluMask<T>{act, d.H});
-        gemm<T>(rows, d.H, d.D_out, row_major<T>(grad_y, d.D_out), w2.t(), masked);
+        hidden_grad(rows, bd, row_major<T>(grad_y, d.D_out), w2, act, grad_h);
         Accumulate<T> a2{gw2, d.D_out}, a1{gw1, d.H};
         gemm<T>(d.H, d.D_out, rows, row_major<T>(act, d.H).t(), row_major<T>(grad_y, d.D_out), a2);
         gemm<T>(d.D_in, d.H, rows, x.t(), row_major<T>(grad_h, d.H), a1);
@@ -213,15 +207,14 @@ double sgd_step_impl(const StepArgs<T>& s) {
   T* grad_h = act + d.N * d.H;
   T* grad_y = grad_h + d.N * d.H;
   double* sq = workspace<double, kLossPartials>(d.N * tiles);
-  const View<T> w1{s.w1.p, s.w1.rs, s.w1.cs}, w2{s.w2.p, s.w2.rs, s.w2.cs};
+  const View<T> w1 = s.w1.view(), w2 = s.w2.view();
   const double n = double(d.N * d.D_out);
 
   layer1(d, s.x, w1, b1.p, act);
   // grad_y = dL/dy for y = act @ w2 + b2, the loss summed on the way; y is never stored.
   loss_grad(d.N, d, act, w2, b2.p, s.target, T(s.mean ? 2.0 / n : 2.0), grad_y, sq, tiles);
   // grad_h = mask(grad_y @ w2^T), at the old w2: before w2 is updated.
-  auto e3 = into(grad_h, d.H, ReluMask<T>{act, d.H});
-  gemm<T>(d.N, d.H, d.D_out, row_major<T>(grad_y, d.D_out), w2.t(), e3);
+  hidden_grad(d.N, d, row_major<T>(grad_y, d.D_out), w2, act, grad_h);
   // w2 -= lr * act^T @ grad_y;  w1 -= lr * x^T @ grad_h  (the updates are the epilogues)
   SgdUpdate<T> u2{s.w2, s.lr};
   gemm<T>(d.H, d.D_out, d.N, row_major<T>(act, d.H).t(), row_major<T>(grad_y, d.D_out), u2);
