@@ -56,7 +56,7 @@ void check_shape(const char* op, const char* name, const at::Tensor& t, at::IntA
 }
 
 Dims check_two_layer_args(const char* op, const at::Tensor& x, const at::Tensor& w1,
-                          const std::optional<at::Tensor>& b1, const at::Tensor& w2,
+                          const at::Tensor& w2, const std::optional<at::Tensor>& b1,
                           const std::optional<at::Tensor>& b2) {
   TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must be a 2-D tensor [N, D_in], got ", x.dim(),
                     "-D of shape ", shape_str(x.sizes()));
@@ -197,13 +197,21 @@ void check_l2_loss_bwd_args(const at::Tensor& grad_loss, const at::Tensor& grad)
   check_like(op, "grad_loss", grad_loss, "grad", grad);
 }
 
+Dims check_two_layer_l2_loss_args(const at::Tensor& x, const at::Tensor& target,
+                                  const at::Tensor& w1, const at::Tensor& w2,
+                                  const std::optional<at::Tensor>& b1,
+                                  const std::optional<at::Tensor>& b2, const char* op) {
+  const Dims d = check_two_layer_args(op, x, w1, w2, b1, b2);
+  check_like(op, "target", target, "x", x);
+  check_shape(op, "target", target, {d.N, d.D_out}, "[N, D_out]");
+  return d;
+}
+
 Dims check_sgd_step_args(const at::Tensor& x, const at::Tensor& target, const at::Tensor& w1,
                          const at::Tensor& w2, const std::optional<at::Tensor>& b1,
                          const std::optional<at::Tensor>& b2, double lr) {
   constexpr const char* op = "sgd_step";
-  const Dims d = check_two_layer_args(op, x, w1, b1, w2, b2);
-  check_like(op, "target", target, "x", x);
-  check_shape(op, "target", target, {d.N, d.D_out}, "[N, D_out]");
+  const Dims d = check_two_layer_l2_loss_args(x, target, w1, w2, b1, b2, op);
   TORCH_CHECK_VALUE(std::isfinite(lr) && lr >= 0, op, ": lr must be a finite number >= 0, got ", lr);
   const at::Tensor* pb1 = b1 ? &*b1 : nullptr;
   const at::Tensor* pb2 = b2 ? &*b2 : nullptr;

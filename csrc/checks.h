@@ -19,11 +19,17 @@ struct Dims {
   int64_t N, D_in, H, D_out;
 };
 
-// x[N, D_in], w1[D_in, H], b1[H]?, w2[H, D_out], b2[D_out]?: ranks, sizes,
+// x[N, D_in], w1[D_in, H], w2[H, D_out], b1[H]?, b2[D_out]?: ranks, sizes,
 // one floating dtype the device supports, one device.
 Dims check_two_layer_args(const char* op, const at::Tensor& x, const at::Tensor& w1,
-                          const std::optional<at::Tensor>& b1, const at::Tensor& w2,
+                          const at::Tensor& w2, const std::optional<at::Tensor>& b1,
                           const std::optional<at::Tensor>& b2);
+
+// The fused loss: the two_layer arguments and target [N, D_out] of x's dtype and device.
+Dims check_two_layer_l2_loss_args(const at::Tensor& x, const at::Tensor& target,
+                                  const at::Tensor& w1, const at::Tensor& w2,
+                                  const std::optional<at::Tensor>& b1,
+                                  const std::optional<at::Tensor>& b2, const char* op = "two_layer_l2_loss");
 
 // two_layer's backward: grad_y [N, D_out], w2 [H, D_out], act [N, H]; x [N, D_in] and
 // w1 [D_in, H] must be given where grad_w1 / grad_x are asked for, and are checked

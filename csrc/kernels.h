@@ -20,7 +20,10 @@
 namespace twolayer {
 
 using OptTensor = std::optional<at::Tensor>;
+// Gradients in the argument order: (x, w1, w2, b1, b2); the fused loss adds target after x.
 using Grads5 = std::tuple<OptTensor, OptTensor, OptTensor, OptTensor, OptTensor>;
+using FusedLossGrads =
+    std::tuple<at::Tensor, OptTensor, OptTensor, OptTensor, OptTensor, OptTensor, OptTensor>;
 
 // The op kernels of one device, declared alike for each.
 #define TWOLAYER_DECLARE_OP_KERNELS                                                          \
@@ -34,11 +37,18 @@ using Grads5 = std::tuple<OptTensor, OptTensor, OptTensor, OptTensor, OptTensor>
                                                 const at::Tensor& target,                    \
                                                 c10::string_view reduction, bool need_grad); \
   at::Tensor l2_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& grad);               \
-  /* Forward, loss, backward at the current weights, then w -= lr * grad in place for w1,  \
-     w2 and the biases present. Returns the loss before the update. */                      \
+  /* The loss of two_layer + l2_loss and, in the same call, the gradients output_mask asks  \
+     for (x, target, w1, w2, b1, b2). */                                                     \
+  FusedLossGrads two_layer_l2_loss_fwd(const at::Tensor& x, const at::Tensor& target,        \
+                                       const at::Tensor& w1, const at::Tensor& w2,           \
+                                       const OptTensor& b1, const OptTensor& b2,             \
+                                       c10::string_view reduction,                          \
+                                       std::array<bool, 6> output_mask);                    \
+  /* Forward, loss, backward at the current weights, then w -= lr * grad in place for each \
+     of w1, w2, b1, b2 present and set in `update`. Returns the loss before the update. */  \
   at::Tensor sgd_step(const at::Tensor& x, const at::Tensor& target, const at::Tensor& w1,   \
                       const at::Tensor& w2, const OptTensor& b1, const OptTensor& b2,        \
-                      double lr, c10::string_view reduction);
+                      double lr, c10::string_view reduction, std::array<bool, 4> update);
 
 namespace cpu {
 TWOLAYER_DECLARE_OP_KERNELS

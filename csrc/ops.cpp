@@ -13,19 +13,35 @@ PyObject* PyInit__C(void) {
 }
 }
 
+// Tensors come in one order everywhere: x, w1, w2, b1, b2, with target after x where
+// there is one; gradients and output_mask follow the same order.
 TORCH_LIBRARY(twolayer_ext, m) {
-  // y = relu(x @ w1 + b1) @ w2 + b2; act is what the backward needs (see kernels.h).
+  // The public, differentiable ops (autograd formulas in autograd.cpp).
+  // y = relu(x @ w1 + b1) @ w2 + b2
+  m.def("two_layer(Tensor x, Tensor w1, Tensor w2, Tensor? b1=None, Tensor? b2=None) -> Tensor");
+  // Sum or mean of (pred - target)^2, 0-dim.
+  m.def("l2_loss(Tensor pred, Tensor target, str reduction=\"sum\") -> Tensor");
+  // l2_loss(two_layer(x, w1, w2, b1, b2), target, reduction), its gradients made in the forward.
+  m.def("two_layer_l2_loss(Tensor x, Tensor target, Tensor w1, Tensor w2, Tensor? b1=None,"
+        " Tensor? b2=None, str reduction=\"sum\") -> Tensor");
+
+  // The kernels behind them, per device. act is what the backward needs (see kernels.h).
   m.def("two_layer_fwd(Tensor x, Tensor w1, Tensor w2, Tensor? b1, Tensor? b2) -> (Tensor y, Tensor act)");
-  // Gradients for (x, w1, b1, w2, b2); only those set in output_mask are computed.
+  // Gradients for (x, w1, w2, b1, b2); only those set in output_mask are computed.
   m.def("two_layer_bwd(Tensor grad_y, Tensor? x, Tensor? w1, Tensor w2, Tensor act, bool[5] output_mask)"
-        " -> (Tensor? grad_x, Tensor? grad_w1, Tensor? grad_b1, Tensor? grad_w2, Tensor? grad_b2)");
+        " -> (Tensor? grad_x, Tensor? grad_w1, Tensor? grad_w2, Tensor? grad_b1, Tensor? grad_b2)");
   // Sum or mean of squared error and, in the same pass, its gradient wrt pred.
   m.def("l2_loss_fwd(Tensor pred, Tensor target, str reduction, bool need_grad) -> (Tensor loss, Tensor? grad)");
-  // grad_loss (0-dim) * grad: the loss backward, a separate op so that double backward fails loudly.
+  // grad_loss (0-dim) * grad: a loss's backward, an op of its own so that double backward fails loudly.
   m.def("l2_loss_bwd(Tensor grad_loss, Tensor grad) -> Tensor");
-  // Forward, loss, backward and w -= lr * grad for every weight, in one call (weights mutated).
+  // The fused loss and the gradients output_mask asks for, for (x, target, w1, w2, b1, b2).
+  m.def("two_layer_l2_loss_fwd(Tensor x, Tensor target, Tensor w1, Tensor w2, Tensor? b1,"
+        " Tensor? b2, str reduction, bool[6] output_mask) -> (Tensor loss, Tensor? grad_x,"
+        " Tensor? grad_target, Tensor? grad_w1, Tensor? grad_w2, Tensor? grad_b1, Tensor? grad_b2)");
+  // Forward, loss, backward and w -= lr * grad for each weight set in update (w1, w2, b1, b2),
+  // in one call (weights mutated).
   m.def("sgd_step(Tensor x, Tensor target, Tensor(a!) w1, Tensor(b!) w2, Tensor(c!)? b1,"
-        " Tensor(d!)? b2, float lr, str reduction) -> Tensor loss");
+        " Tensor(d!)? b2, float lr, str reduction, bool[4] update) -> Tensor loss");
   // Process-wide choice of CPU kernel variant ("tuned" or "reference"), for experiments.
   m.def("set_cpu_kernel(str name) -> str", [](c10::string_view name) {
     return twolayer::cpu::set_kernel_variant(name);
@@ -38,6 +54,7 @@ TORCH_LIBRARY_IMPL(twolayer_ext, CPU, m) {
   m.impl("two_layer_bwd", &twolayer::cpu::two_layer_bwd);
   m.impl("l2_loss_fwd", &twolayer::cpu::l2_loss_fwd);
   m.impl("l2_loss_bwd", &twolayer::cpu::l2_loss_bwd);
+  m.impl("two_layer_l2_loss_fwd", &twolayer::cpu::two_layer_l2_loss_fwd);
   m.impl("sgd_step", &twolayer::cpu::sgd_step);
 }
 
@@ -47,6 +64,7 @@ TORCH_LIBRARY_IMPL(twolayer_ext, CUDA, m) {
   m.impl("two_layer_bwd", &twolayer::cuda::two_layer_bwd);
   m.impl("l2_loss_fwd", &twolayer::cuda::l2_loss_fwd);
   m.impl("l2_loss_bwd", &twolayer::cuda::l2_loss_bwd);
+  m.impl("two_layer_l2_loss_fwd", &twolayer::cuda::two_layer_l2_loss_fwd);
   m.impl("sgd_step", &twolayer::cuda::sgd_step);
 }
 #endif

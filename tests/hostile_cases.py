@@ -86,6 +86,20 @@ def wrong_ranks(name):
     return [(), (1,) + shape, shape + (1,)]
 
 
+def public_wrong_ranks(name):
+    """The public functions take x [*, D_in] and target [*, D_out] (as nn.Linear): only a
+    0-dim x, and a target whose leading dimensions are not x's, are wrong ranks there."""
+    return [()] if name == "x" else wrong_ranks(name)
+
+
+def public_rank_msg(fn, name):
+    if name == "x":
+        return rf"{fn}: x must have at least one dimension \[\*, D_in\]"
+    if name == "target":
+        return rf"{fn}: target must have shape \[\*, D_out\] with the leading dimensions of x"
+    return rank_msg(fn, name)
+
+
 def rank_msg(fn, name):
     if name in ("x", "w1", "w2"):
         return rf"{fn}: {name} must be a 2-D tensor"
@@ -121,10 +135,11 @@ def two_layer_call(kind, **kw):
 for kind, fn in (("public", "two_layer"), ("op", "two_layer")):
     pre = "two_layer" if kind == "public" else "op.two_layer_fwd"
     for name in ("x", "w1", "w2", "b1", "b2"):
-        for shape in wrong_ranks(name):
+        public = kind == "public"
+        for shape in (public_wrong_ranks if public else wrong_ranks)(name):
             case(f"{pre}/{name}/rank{len(shape)}{list(shape)}",
                  two_layer_call(kind, **{name: (lambda s=shape: t(*s))}),
-                 ValueError, rank_msg(fn, name))
+                 ValueError, (public_rank_msg if public else rank_msg)(fn, name))
         shape, msg = WRONG_SIZE[name]
         case(f"{pre}/{name}/size{list(shape)}", two_layer_call(kind, **{name: (lambda s=shape: t(*s))}),
              ValueError, msg)
@@ -315,17 +330,19 @@ def sgd_call(kind, lr=0.1, reduction="sum", dtype=torch.float64, build=None, **k
         if kind == "public":
             return tl.sgd_step(a["x"], a["target"], a["w1"], a["w2"], a["b1"], a["b2"], lr=lr,
                                reduction=reduction)
-        return ops.sgd_step(a["x"], a["target"], a["w1"], a["w2"], a["b1"], a["b2"], lr, reduction)
+        return ops.sgd_step(a["x"], a["target"], a["w1"], a["w2"], a["b1"], a["b2"], lr, reduction,
+                            [True] * 4)
     return call
 
 
 for kind in ("public", "op"):
     pre = "sgd_step" if kind == "public" else "op.sgd_step"
     for name in ("x", "target", "w1", "w2", "b1", "b2"):
-        for shape in wrong_ranks(name)[:2]:
+        public = kind == "public"
+        for shape in (public_wrong_ranks if public else wrong_ranks)(name)[:2]:
             case(f"{pre}/{name}/rank{len(shape)}{list(shape)}",
                  sgd_call(kind, **{name: (lambda s=shape: t(*s))}), ValueError,
-                 rank_msg("sgd_step", name))
+                 (public_rank_msg if public else rank_msg)("sgd_step", name))
         shape, msg = WRONG_SIZE[name]
         case(f"{pre}/{name}/size{list(shape)}", sgd_call(kind, **{name: (lambda s=shape: t(*s))}),
              ValueError, msg)

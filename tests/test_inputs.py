@@ -107,13 +107,14 @@ def test_relu_mask_is_numpys_at_zero():
 
 
 def f64(*shape):
-    return torch.randn(*shape, dtype=torch.float64)
+    return torch.randn(shape, dtype=torch.float64)
 
 
 GOOD = dict(x=f64(4, 3), w1=f64(3, 5), w2=f64(5, 2), b1=f64(5), b2=f64(2))
 BAD_TWO_LAYER = [
-    ("x", f64(4), ValueError, r"x must be a 2-D tensor \[N, D_in\]"),
-    ("x", f64(4, 3, 1), ValueError, "x must be a 2-D"),
+    ("x", f64(), ValueError, r"x must have at least one dimension \[\*, D_in\]"),
+    ("x", f64(4), ValueError, r"w1 must have shape \[D_in, H\] with D_in = 4"),  # one sample of 4
+    ("x", f64(4, 3, 1), ValueError, r"w1 must have shape \[D_in, H\] with D_in = 1"),
     ("w1", f64(4, 5), ValueError, r"w1 must have shape \[D_in, H\] with D_in = 3"),
     ("w1", f64(3), ValueError, "w1 must be a 2-D"),
     ("w2", f64(4, 2), ValueError, r"w2 must have shape \[H, D_out\] with H = 5"),

@@ -18,13 +18,15 @@ def inputs(device, bias, requires_grad, N=5):
 
 @pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
-def test_opcheck_two_layer_fwd(device, bias, requires_grad):
-    opcheck(OPS.two_layer_fwd, inputs(device, bias, requires_grad))
+def test_opcheck_two_layer(device, bias, requires_grad):
+    # The public op carries the autograd formula; the kernel op behind it is checked without.
+    opcheck(OPS.two_layer, inputs(device, bias, requires_grad))
+    opcheck(OPS.two_layer_fwd, inputs(device, bias, False))
 
 
 @pytest.mark.parametrize("mask", [[True] * 5, [False, True, False, True, False],
                                   [True, False, True, False, False], [False] * 5])
-def test_opcheck_two_layer_bwd(device, mask):
+def test_opcheck_two_layer_bwd(device, mask):  # mask order: (x, w1, w2, b1, b2)
     x, w1, w2, b1, b2 = inputs(device, True, False)
     _, act = OPS.two_layer_fwd(x, w1, w2, b1, b2)
     grad_y = torch.randn(5, 3, dtype=torch.float64, device=device)
@@ -36,9 +38,35 @@ def test_opcheck_two_layer_bwd(device, mask):
 def test_opcheck_l2_loss(device, reduction, requires_grad):
     pred = torch.randn(5, 3, dtype=torch.float64, device=device, requires_grad=requires_grad)
     target = torch.randn(5, 3, dtype=torch.float64, device=device)
-    opcheck(OPS.l2_loss_fwd, (pred, target, reduction, requires_grad))
+    opcheck(OPS.l2_loss, (pred, target, reduction))
+    opcheck(OPS.l2_loss_fwd, (pred.detach(), target, reduction, requires_grad))
     grad_loss = torch.tensor(1.5, dtype=torch.float64, device=device)
     opcheck(OPS.l2_loss_bwd, (grad_loss, pred.detach()))
+
+
+@pytest.mark.parametrize("which", ["weights", "all", "none"])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_opcheck_two_layer_l2_loss(device, bias, reduction, which):
+    x, w1, w2, b1, b2 = inputs(device, bias, which != "none")
+    target = torch.randn(5, 3, dtype=torch.float64, device=device,
+                         requires_grad=which == "all")
+    if which == "weights":
+        x = x.detach()
+    opcheck(OPS.two_layer_l2_loss, (x, target, w1, w2, b1, b2, reduction))
+    mask = [which == "all"] * 2 + [which != "none"] * 2 + [which != "none" and bias] * 2
+    plain = [None if t is None else t.detach() for t in (x, target, w1, w2, b1, b2)]
+    opcheck(OPS.two_layer_l2_loss_fwd, (*plain, reduction, mask))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("N", [0, 1, 5])
+def test_gradcheck_two_layer_l2_loss(device, bias, N):
+    x, w1, w2, b1, b2 = inputs(device, bias, True, N=N)
+    target = torch.randn(N, 3, dtype=torch.float64, device=device, requires_grad=True)
+    for reduction in ("sum", "mean") if N else ("sum",):
+        assert torch.autograd.gradcheck(
+            lambda *a: tl.two_layer_l2_loss(*a, reduction=reduction), (x, target, w1, w2, b1, b2))
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -59,5 +87,10 @@ def test_double_backward_is_a_clear_error(device):
     loss = tl.l2_loss(tl.two_layer(x, w1, w2, b1, b2), torch.zeros(5, 3, dtype=torch.float64,
                                                                    device=device))
     (gw1,) = torch.autograd.grad(loss, w1, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        gw1.sum().backward()
+    fused = tl.two_layer_l2_loss(x, torch.zeros(5, 3, dtype=torch.float64, device=device),
+                                 w1, w2, b1, b2)
+    (gw1,) = torch.autograd.grad(fused, w1, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
         gw1.sum().backward()

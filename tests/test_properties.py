@@ -429,10 +429,10 @@ def test_raw_ops_match_numpy(data):
     y, act = ops.two_layer_fwd(x, w1, w2, b1, b2)
     _assert_within(y, y_np, my, gamma, "two_layer_fwd y", _tiny(dtype))
     mask = data.draw(st.lists(st.booleans(), min_size=5, max_size=5), label="output_mask")
-    gx, gw1, gb1, gw2, gb2 = ops.two_layer_bwd(g, x, w1, w2, act, mask)
+    gx, gw1, gw2, gb1, gb2 = ops.two_layer_bwd(g, x, w1, w2, act, mask)
     expected = R.numpy_backward(xn, w1n, w2n, h, h_relu, gn)
     tiny = _tiny(dtype) * (terms + 1)
-    for name, want, got in zip(("x", "w1", "b1", "w2", "b2"), mask, (gx, gw1, gb1, gw2, gb2)):
+    for name, want, got in zip(("x", "w1", "w2", "b1", "b2"), mask, (gx, gw1, gw2, gb1, gb2)):
         if not want:
             assert got is None, f"grad_{name} computed though output_mask said no"
         else:

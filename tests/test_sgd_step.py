@@ -151,3 +151,50 @@ def test_many_rows_narrow_layers(bias, reduction, device):
         if v is not None:
             err = (v - ref[k].detach()).abs().max() / ref[k].detach().abs().max()
             assert err < 1e-12, k
+
+
+@pytest.mark.parametrize("frozen", [("w1",), ("b2",), ("w1", "w2", "b1", "b2")])
+def test_frozen_weights_are_not_touched(frozen):
+    """requires_grad=False freezes a parameter: sgd_step neither computes its gradient nor
+    updates it, and the others move exactly as autograd + SGD on the unfrozen ones."""
+    torch.manual_seed(0)
+    net = tl.TwoLayerNet(12, 8, 3, dtype=torch.float64)
+    ref = tl.TwoLayerNet(12, 8, 3, dtype=torch.float64)
+    ref.load_state_dict(net.state_dict())
+    for name in frozen:
+        getattr(net, name).requires_grad_(False)
+        getattr(ref, name).requires_grad_(False)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x, y = torch.randn(20, 12, dtype=torch.float64), torch.randn(20, 3, dtype=torch.float64)
+    opt = torch.optim.SGD([p for p in ref.parameters() if p.requires_grad] or [torch.zeros(1)],
+                          lr=1e-2)
+    for _ in range(3):
+        loss = net.sgd_step(x, y, lr=1e-2)
+        ref_loss = tl.l2_loss(ref(x), y)
+        if ref_loss.requires_grad:
+            opt.zero_grad()
+            ref_loss.backward()
+            opt.step()
+        assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-12)
+    for name, p in net.named_parameters():
+        if name in frozen:
+            assert torch.equal(p, before[name]), f"{name} is frozen but moved"
+        else:
+            assert not torch.equal(p, before[name]), f"{name} did not move"
+        torch.testing.assert_close(p, getattr(ref, name), rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_functional_sgd_step_freezes_only_once_a_weight_requires_grad():
+    x, y, params = problem(10, 6, 5, 2, bias=True)
+    plain = to_torch(params, "cpu")
+    start = {k: v.clone() for k, v in plain.items()}
+    tl.sgd_step(torch.tensor(x), torch.tensor(y), plain["w1"], plain["w2"], plain["b1"],
+                plain["b2"], lr=1e-2)
+    assert all(not torch.equal(plain[k], start[k]) for k in plain)  # the tutorial's style
+    mixed = to_torch(params, "cpu")
+    mixed["w2"].requires_grad_(True)
+    tl.sgd_step(torch.tensor(x), torch.tensor(y), mixed["w1"], mixed["w2"], mixed["b1"],
+                mixed["b2"], lr=1e-2)
+    assert not torch.equal(mixed["w2"], start["w2"])
+    for k in ("w1", "b1", "b2"):
+        assert torch.equal(mixed[k], start[k]), f"{k} does not require grad, so it is frozen"

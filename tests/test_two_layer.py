@@ -85,9 +85,9 @@ def test_backward_op_returns_only_requested():
     xt = torch.tensor(x)
     _, act = torch.ops.twolayer_ext.two_layer_fwd(xt, p["w1"], p["w2"], None, None)
     out = torch.ops.twolayer_ext.two_layer_bwd(torch.ones(6, 3, dtype=torch.float64), None, None,
-                                               p["w2"], act, [False, False, False, True, True])
-    assert out[0] is None and out[1] is None and out[2] is None
-    assert out[3].shape == (4, 3) and out[4].shape == (3,)
+                                               p["w2"], act, [False, False, True, False, True])
+    assert out[0] is None and out[1] is None and out[3] is None  # (x, w1, w2, b1, b2)
+    assert out[2].shape == (4, 3) and out[4].shape == (3,)
 
 
 def test_drop_in_for_tutorial_expression():

@@ -3,7 +3,9 @@ over gloo (CPU) or NCCL (CUDA), one process per rank, started by torchrun.
 
 Why not sgd_step here: it runs forward, backward and the update in one op with autograd off,
 so DDP's gradient hooks (its all-reduce) would never fire and the ranks would drift apart.
-Under DDP each rank runs two_layer + l2_loss + loss.backward() + torch.optim.SGD instead.
+Under DDP each rank runs the fused loss (TwoLayerNet(x, target), which computes its gradients
+in the forward call) + loss.backward() + torch.optim.SGD instead: backward delivers those
+gradients to .grad through autograd, so DDP's hooks fire as for any loss.
 
 The loss scaling that makes N ranks equal one process on the whole batch: the global loss is
 a sum over ranks, sum_r L_r (divided by numel for "mean"), so its gradient is sum_r g_r. DDP
@@ -19,7 +21,6 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from .ops import l2_loss
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -55,8 +56,13 @@ def init(device_type, timeout_s=300):
     return World(dist.get_rank(), dist.get_world_size(), device)
 
 
-def shutdown():
+def shutdown(sync=True):
+    """Leaves the process group. sync: wait for every rank first (after a clean run), since a
+    gloo rank that tears down while its peer is still busy (rank 0 writing the outputs) can
+    abort at exit ("terminate called without an active exception")."""
     if dist.is_initialized():
+        if sync:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -75,7 +81,7 @@ class DataParallelSGD:
     def step(self, x, y):
         """One SGD step on the global batch (x, y); returns its loss before the update."""
         denom = 1 if self.reduction == "sum" else y.numel()
-        local = l2_loss(self.ddp(self.world.shard(x)), self.world.shard(y), "sum")
+        local = self.ddp(self.world.shard(x), self.world.shard(y), "sum")  # the fused loss
         self.optimizer.zero_grad(set_to_none=True)
         (local * (self.world.size / denom)).backward()  # DDP averages: see the module doc
         self.optimizer.step()

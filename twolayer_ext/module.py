@@ -5,7 +5,7 @@ import math
 import torch
 from torch import nn
 
-from .ops import sgd_step, two_layer
+from .ops import _sgd_step, two_layer, two_layer_l2_loss
 
 
 class TwoLayerNet(nn.Module):
@@ -36,13 +36,25 @@ class TwoLayerNet(nn.Module):
                 if b is not None:
                     b.uniform_(-bound, bound)
 
-    def forward(self, x):
+    def forward(self, x, target=None, reduction="sum"):
+        """y [*, D_out] for x [*, D_in]; given a target [*, D_out], the fused L2 loss instead
+        (self.loss), which is how DistributedDataParallel runs the fused loss: through forward."""
+        if target is not None:
+            return self.loss(x, target, reduction)
         return two_layer(x, self.w1, self.w2, self.b1, self.b2)
+
+    def loss(self, x, target, reduction="sum"):
+        """l2_loss(self(x), target, reduction) in one fused op call, its gradients computed in
+        the same call when autograd needs them (see twolayer_ext.two_layer_l2_loss): the fast
+        route for loss.backward() with any torch.optim optimizer."""
+        return two_layer_l2_loss(x, target, self.w1, self.w2, self.b1, self.b2, reduction=reduction)
 
     def sgd_step(self, x, target, lr, reduction="sum"):
         """One fused SGD step on this module's weights (see twolayer_ext.sgd_step); returns the
-        loss before the update."""
-        return sgd_step(x, target, self.w1, self.w2, self.b1, self.b2, lr=lr, reduction=reduction)
+        loss before the update. Parameters with requires_grad=False are frozen: not touched."""
+        weights = (self.w1, self.w2, self.b1, self.b2)
+        update = [w is not None and w.requires_grad for w in weights]
+        return _sgd_step(x, target, *weights, lr, reduction, update)
 
     def extra_repr(self):
         return f"D_in={self.D_in}, H={self.H}, D_out={self.D_out}, bias={self.b1 is not None}"

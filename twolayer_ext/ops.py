@@ -25,18 +25,44 @@ def _require_reduction(fn, reduction):
 
 # ---- public functions ------------------------------------------------------------------------
 
+def _rows(fn, x, name="x", layout="[*, D_in]"):
+    """x [*, D] as [N, D] (a view wherever the strides allow, as nn.Linear does), and how to
+    shape a [N, D_out] result back: [*, D_out]."""
+    if x.dim() == 2:
+        return x, None
+    if x.dim() == 0:
+        raise ValueError(f"{fn}: {name} must have at least one dimension {layout}, got a 0-dim tensor")
+    return x.reshape(-1, x.shape[-1]), x.shape[:-1]
+
+
+def _unrows(y, lead):
+    return y if lead is None else y.reshape(*lead, y.shape[-1])
+
+
+def _target_rows(fn, x, lead, target):
+    """target [*, D_out] with the leading dimensions of x, as [N, D_out]."""
+    if lead is None and target.dim() == 2:
+        return target
+    x_lead = tuple(x.shape[:-1]) if lead is None else tuple(lead)
+    if target.dim() == 0 or tuple(target.shape[:-1]) != x_lead:
+        raise ValueError(f"{fn}: target must have shape [*, D_out] with the leading dimensions "
+                         f"of x {list(x_lead)}, got {list(target.shape)}")
+    return target.reshape(-1, target.shape[-1])
+
+
 def two_layer(x, w1, w2, b1=None, b2=None):
     """y = relu(x @ w1 + b1) @ w2 + b2, fused; differentiable in every tensor argument.
 
-    x [N, D_in], w1 [D_in, H], w2 [H, D_out], b1 [H] or None, b2 [D_out] or None: the
-    tutorial's layout, so `two_layer(x, w1, w2)` replaces `x.mm(w1).clamp(min=0).mm(w2)`.
+    x [*, D_in] (any leading dimensions, as nn.Linear), w1 [D_in, H], w2 [H, D_out], b1 [H] or
+    None, b2 [D_out] or None: the tutorial's layout, so `two_layer(x, w1, w2)` replaces
+    `x.mm(w1).clamp(min=0).mm(w2)`. Returns [*, D_out].
     """
     for name, value in (("x", x), ("w1", w1), ("w2", w2)):
         _require_tensor("two_layer", name, value)
     _require_tensor("two_layer", "b1", b1, optional=True)
     _require_tensor("two_layer", "b2", b2, optional=True)
-    y, _ = _ops.two_layer_fwd.default(x, w1, w2, b1, b2)
-    return y
+    x2, lead = _rows("two_layer", x)
+    return _unrows(_ops.two_layer.default(x2, w1, w2, b1, b2), lead)
 
 
 def l2_loss(pred, target, reduction="sum"):
@@ -48,9 +74,26 @@ def l2_loss(pred, target, reduction="sum"):
     _require_tensor("l2_loss", "pred", pred)
     _require_tensor("l2_loss", "target", target)
     _require_reduction("l2_loss", reduction)
-    need_grad = torch.is_grad_enabled() and (pred.requires_grad or target.requires_grad)
-    loss, _ = _ops.l2_loss_fwd.default(pred, target, reduction, need_grad)
-    return loss
+    return _ops.l2_loss.default(pred, target, reduction)
+
+
+def two_layer_l2_loss(x, target, w1, w2, b1=None, b2=None, *, reduction="sum"):
+    """l2_loss(two_layer(x, w1, w2, b1, b2), target, reduction) in one op call.
+
+    When autograd will need them, the same call computes the gradients of every input that
+    requires grad (the forward, loss and backward of sgd_step, without the update); its
+    backward then only scales them by the incoming gradient. Under no_grad or inference_mode
+    it is the forward and the loss alone. x [*, D_in], target [*, D_out] with x's leading
+    dimensions. Works with any torch.optim optimizer, gradient accumulation and DDP.
+    """
+    for name, value in (("x", x), ("target", target), ("w1", w1), ("w2", w2)):
+        _require_tensor("two_layer_l2_loss", name, value)
+    _require_tensor("two_layer_l2_loss", "b1", b1, optional=True)
+    _require_tensor("two_layer_l2_loss", "b2", b2, optional=True)
+    _require_reduction("two_layer_l2_loss", reduction)
+    x2, lead = _rows("two_layer_l2_loss", x)
+    t2 = _target_rows("two_layer_l2_loss", x, lead, target)
+    return _ops.two_layer_l2_loss.default(x2, t2, w1, w2, b1, b2, reduction)
 
 
 # ---- CPU kernel variants ----------------------------------------------------------------------
@@ -126,6 +169,11 @@ def _fake_check_two_layer(fn, x, w1, w2, b1, b2):
                 f"{fn}: {name} must have shape {layout} = [{size}], got {list(b.shape)}"))
 
 
+@torch.library.register_fake("twolayer_ext::two_layer")
+def _two_layer_fake(x, w1, w2, b1=None, b2=None):
+    return _two_layer_fwd_fake(x, w1, w2, b1, b2)[0]
+
+
 @torch.library.register_fake("twolayer_ext::two_layer_fwd")
 def _two_layer_fwd_fake(x, w1, w2, b1, b2):
     _fake_check_two_layer("two_layer", x, w1, w2, b1, b2)
@@ -143,7 +191,7 @@ def _two_layer_bwd_fake(grad_y, x, w1, w2, act, output_mask):
             _fake_check_like(fn, name, t, "act", act)
     n, h = act.shape
     d_out = w2.shape[1]
-    need_x, need_w1, need_b1, need_w2, need_b2 = output_mask
+    need_x, need_w1, need_w2, need_b1, need_b2 = output_mask
     torch._check_value(not need_w1 or x is not None, lambda: f"{fn}: x [N, D_in] is needed for grad_w1")
     torch._check_value(not need_x or w1 is not None, lambda: f"{fn}: w1 [D_in, H] is needed for grad_x")
     torch._check_value(grad_y.shape == (n, d_out), lambda: (
@@ -151,20 +199,30 @@ def _two_layer_bwd_fake(grad_y, x, w1, w2, act, output_mask):
     return (
         grad_y.new_empty((n, w1.shape[0])) if need_x else None,
         grad_y.new_empty((x.shape[1], h)) if need_w1 else None,
-        grad_y.new_empty((h,)) if need_b1 else None,
         grad_y.new_empty((h, d_out)) if need_w2 else None,
+        grad_y.new_empty((h,)) if need_b1 else None,
         grad_y.new_empty((d_out,)) if need_b2 else None,
     )
 
 
-@torch.library.register_fake("twolayer_ext::l2_loss_fwd")
-def _l2_loss_fwd_fake(pred, target, reduction, need_grad):
+def _fake_check_l2_loss(pred, target, reduction):
     _require_reduction("l2_loss", reduction)
     _fake_check_float("l2_loss", "pred", pred)
     _fake_check_like("l2_loss", "target", target, "pred", pred)
     torch._check_value(pred.shape == target.shape, lambda: (
         f"l2_loss: target must have the same shape as pred {list(pred.shape)}, "
         f"got {list(target.shape)} (no broadcasting)"))
+
+
+@torch.library.register_fake("twolayer_ext::l2_loss")
+def _l2_loss_fake(pred, target, reduction="sum"):
+    _fake_check_l2_loss(pred, target, reduction)
+    return pred.new_empty(())
+
+
+@torch.library.register_fake("twolayer_ext::l2_loss_fwd")
+def _l2_loss_fwd_fake(pred, target, reduction, need_grad):
+    _fake_check_l2_loss(pred, target, reduction)
     return pred.new_empty(()), (pred.new_empty(pred.shape) if need_grad else None)
 
 
@@ -176,63 +234,28 @@ def _l2_loss_bwd_fake(grad_loss, grad):
     return grad.new_empty(grad.shape)
 
 
-# ---- autograd ----------------------------------------------------------------------------------
-
-def _two_layer_setup_context(ctx, inputs, output):
-    x, w1, w2, b1, b2 = inputs
-    _, act = output
-    need_x, need_w1, need_w2, need_b1, need_b2 = ctx.needs_input_grad[:5]
-    ctx.output_mask = [need_x, need_w1, need_b1, need_w2, need_b2]
-    # act is internal state for the backward, not a differentiable result.
-    ctx.mark_non_differentiable(act)
-    # Save only what the requested gradients read: x for grad_w1, w1 for grad_x.
-    ctx.save_for_backward(x if need_w1 else None, w1 if need_x else None, w2, act)
+def _fake_check_with_target(fn, x, target, w1, w2, b1, b2):
+    _fake_check_two_layer(fn, x, w1, w2, b1, b2)
+    _fake_check_like(fn, "target", target, "x", x)
+    torch._check_value(target.shape == (x.shape[0], w2.shape[1]), lambda: (
+        f"{fn}: target must have shape [N, D_out] = [{x.shape[0]}, {w2.shape[1]}], "
+        f"got {list(target.shape)}"))
 
 
-def _two_layer_backward(ctx, grad_y, _grad_act):
-    x, w1, w2, act = ctx.saved_tensors
-    grad_x, grad_w1, grad_b1, grad_w2, grad_b2 = _ops.two_layer_bwd.default(
-        grad_y, x, w1, w2, act, ctx.output_mask)
-    return grad_x, grad_w1, grad_w2, grad_b1, grad_b2
+@torch.library.register_fake("twolayer_ext::two_layer_l2_loss")
+def _two_layer_l2_loss_fake(x, target, w1, w2, b1=None, b2=None, reduction="sum"):
+    _fake_check_with_target("two_layer_l2_loss", x, target, w1, w2, b1, b2)
+    _require_reduction("two_layer_l2_loss", reduction)
+    return x.new_empty(())
 
 
-torch.library.register_autograd(
-    "twolayer_ext::two_layer_fwd", _two_layer_backward, setup_context=_two_layer_setup_context)
-
-
-def _l2_loss_setup_context(ctx, inputs, output):
-    _, grad = output
-    ctx.mark_non_differentiable(grad)
-    ctx.save_for_backward(grad)
-
-
-def _l2_loss_backward(ctx, grad_loss, _grad_grad):
-    (grad,) = ctx.saved_tensors
-    if grad is None:
-        raise RuntimeError("l2_loss: backward needs the gradient saved by the forward; "
-                           "call l2_loss_fwd with need_grad=True when inputs require grad")
-    need_pred, need_target = ctx.needs_input_grad[:2]
-    grad_pred = _ops.l2_loss_bwd.default(grad_loss, grad)
-    return (grad_pred if need_pred else None, -grad_pred if need_target else None, None, None)
-
-
-torch.library.register_autograd(
-    "twolayer_ext::l2_loss_fwd", _l2_loss_backward, setup_context=_l2_loss_setup_context)
-
-
-def _refuse_double_backward(public_name):
-    def backward(ctx, *grads):
-        raise RuntimeError(
-            f"twolayer_ext: double backward (create_graph=True, then a second backward) through "
-            f"{public_name} is not supported; use the torch reference implementation for "
-            f"higher-order gradients")
-    return backward
-
-
-for _op, _public in (("two_layer_bwd", "two_layer"), ("l2_loss_bwd", "l2_loss")):
-    torch.library.register_autograd(
-        f"twolayer_ext::{_op}", _refuse_double_backward(_public),
-        setup_context=lambda ctx, inputs, output: None)
+@torch.library.register_fake("twolayer_ext::two_layer_l2_loss_fwd")
+def _two_layer_l2_loss_fwd_fake(x, target, w1, w2, b1, b2, reduction, output_mask):
+    loss = _two_layer_l2_loss_fake(x, target, w1, w2, b1, b2, reduction)
+    need = list(output_mask)
+    grads = [t.new_empty(t.shape) if (t is not None and want) else None
+             for t, want in zip((x, target, w1, w2, b1, b2), need)]
+    return (loss, *grads)
 
 
 # ---- one-call SGD step ----------------------------------------------------------------------
@@ -245,7 +268,20 @@ def sgd_step(x, target, w1, w2, b1=None, b2=None, *, lr, reduction="sum"):
     torch.optim.SGD.step() it updates under no_grad, so leaf parameters with requires_grad are
     fine (their .grad is left alone); a weight that is a non-leaf inside an autograd graph is
     refused, since updating it in place would corrupt that graph.
+
+    Frozen weights: once any weight requires grad, those with requires_grad=False are frozen
+    (neither their gradient is computed nor are they touched), as torch.optim skips them. Plain
+    tensors, none of which requires grad (the tutorial's style), are all trained.
     """
+    weights = (w1, w2, b1, b2)
+    if any(w is not None and getattr(w, "requires_grad", False) for w in weights):
+        update = [w is not None and w.requires_grad for w in weights]
+    else:
+        update = [w is not None for w in weights]
+    return _sgd_step(x, target, w1, w2, b1, b2, lr, reduction, update)
+
+
+def _sgd_step(x, target, w1, w2, b1, b2, lr, reduction, update):
     for name, value in (("x", x), ("target", target), ("w1", w1), ("w2", w2)):
         _require_tensor("sgd_step", name, value)
     _require_tensor("sgd_step", "b1", b1, optional=True)
@@ -262,17 +298,15 @@ def sgd_step(x, target, w1, w2, b1=None, b2=None, *, lr, reduction="sum"):
                     f"sgd_step: {name} is a non-leaf tensor inside an autograd graph; updating "
                     f"it in place would corrupt that graph. Pass the leaf parameter, or call "
                     f"under torch.no_grad() on tensors you own")
+    x2, lead = _rows("sgd_step", x)
+    t2 = _target_rows("sgd_step", x, lead, target)
     with torch.no_grad():
-        return _ops.sgd_step.default(x, target, w1, w2, b1, b2, float(lr), reduction)
+        return _ops.sgd_step.default(x2, t2, w1, w2, b1, b2, float(lr), reduction, update)
 
 
 @torch.library.register_fake("twolayer_ext::sgd_step")
-def _sgd_step_fake(x, target, w1, w2, b1, b2, lr, reduction):
-    _fake_check_two_layer("sgd_step", x, w1, w2, b1, b2)
-    _fake_check_like("sgd_step", "target", target, "x", x)
-    torch._check_value(target.shape == (x.shape[0], w2.shape[1]), lambda: (
-        f"sgd_step: target must have shape [N, D_out] = [{x.shape[0]}, {w2.shape[1]}], "
-        f"got {list(target.shape)}"))
+def _sgd_step_fake(x, target, w1, w2, b1, b2, lr, reduction, update):
+    _fake_check_with_target("sgd_step", x, target, w1, w2, b1, b2)
     torch._check_value(lr >= 0 and lr != float("inf"), lambda: (
         f"sgd_step: lr must be a finite number >= 0, got {lr}"))
     _require_reduction("sgd_step", reduction)

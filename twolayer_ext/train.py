@@ -536,7 +536,7 @@ def run(args):
         from threadpoolctl import threadpool_limits
         blas_limits = threadpool_limits(limits=args.threads)
     torch.set_num_threads(args.threads)
-    world = None
+    world, finished = None, False
     try:
         if args.ddp:
             from . import distributed
@@ -551,9 +551,10 @@ def run(args):
         if world is None or world.is_main:
             weights = {k: v.detach().cpu() for k, v in weights.items()}
             _write_outputs(args, _clean(summary), plot, weights)
+        finished = True
     finally:
         if world is not None:
-            distributed.shutdown()
+            distributed.shutdown(sync=finished)
         if blas_limits is not None:
             blas_limits.restore_original_limits()
         torch.set_num_threads(saved_threads)

@@ -6,6 +6,7 @@
 //   reference  plain loops (reference_cpu.cpp).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -63,24 +64,41 @@ struct BackwardArgs {
   Dims d;
   View<T> grad_y, x, w1, w2;  // x, w1 only read when grad_w1 / grad_x are wanted
   const T* act;               // [N, H] row-major
-  T *grad_x, *grad_w1, *grad_b1, *grad_w2, *grad_b2;  // row-major; nullptr: not wanted
+  T *grad_x, *grad_w1, *grad_w2, *grad_b1, *grad_b2;  // row-major; nullptr: not wanted
 };
 
+// Where one weight's gradient goes in a fused step: stored (row-major), applied as
+// w -= lr * grad in place (SGD), or nowhere (not wanted, or a frozen weight).
+template <typename T>
+struct GradOut {
+  T* store = nullptr;  // row-major gradient
+  MutView<T> update{nullptr, 0, 0};  // the weight itself (a bias: one row, cs = its stride)
+  T lr = T(0);
+  bool wanted() const { return store || update.p; }
+};
+
+// The fused step: forward, L2 loss, and the gradients each GradOut asks for, all at
+// the weights as they were on entry (updates are applied after every read of them).
+// sgd_step updates; the fused loss stores. grad_x / grad_target: row-major or nullptr.
 template <typename T>
 struct StepArgs {
   Dims d;
-  View<T> x, target;
-  MutView<T> w1, w2;
-  Bias<T> b1, b2;
-  T lr;
+  View<T> x, target, w1, w2;
+  Bias<const T> b1, b2;
   bool mean;  // reduction "mean" (else "sum")
+  T *grad_x, *grad_target;
+  GradOut<T> gw1, gw2, gb1, gb2;
+  bool wants_hidden_grad() const { return grad_x || gw1.wanted() || gb1.wanted(); }
+  bool wants_any_grad() const {
+    return wants_hidden_grad() || grad_target || gw2.wanted() || gb2.wanted();
+  }
 };
 
 #define TWOLAYER_DECLARE_VARIANT(ns)                            \
   namespace ns {                                                \
   template <typename T> void forward(const ForwardArgs<T>& a);  \
   template <typename T> void backward(const BackwardArgs<T>& a); \
-  template <typename T> double sgd_step(const StepArgs<T>& a);  \
+  template <typename T> double step(const StepArgs<T>& a);      \
   const char* isa();                                            \
   }
 TWOLAYER_DECLARE_VARIANT(tuned_avx2)
@@ -93,20 +111,13 @@ TWOLAYER_DECLARE_VARIANT(reference)
 template <typename T>
 double squared_error_sum(const T* p, const T* t, T* g, T scale2, int64_t n);
 
-// w -= lr * grad for every weight of the step, from row-major gradients (biases
-// only where present).
+// Delivers a finished row-major gradient g [rows, cols] to where `out` says.
 template <typename T>
-void apply_sgd_update(const StepArgs<T>& s, const T* gw1, const T* gw2, const T* gb1,
-                      const T* gb2) {
-  const Dims d = s.d;
-  for (int64_t i = 0; i < d.D_in; ++i)
-    for (int64_t j = 0; j < d.H; ++j) s.w1(i, j) -= s.lr * gw1[i * d.H + j];
-  for (int64_t i = 0; i < d.H; ++i)
-    for (int64_t j = 0; j < d.D_out; ++j) s.w2(i, j) -= s.lr * gw2[i * d.D_out + j];
-  if (s.b1)
-    for (int64_t j = 0; j < d.H; ++j) s.b1[j] -= s.lr * gb1[j];
-  if (s.b2)
-    for (int64_t j = 0; j < d.D_out; ++j) s.b2[j] -= s.lr * gb2[j];
+void deliver(const GradOut<T>& out, const T* g, int64_t rows, int64_t cols) {
+  if (out.store) std::copy(g, g + rows * cols, out.store);
+  if (out.update.p)
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < cols; ++j) out.update(i, j) -= out.lr * g[i * cols + j];
 }
 
 // The ReLU with its mask in the sign bit: h < 0 ? -0.0 : |h| (NaN kept, sign cleared).

@@ -72,28 +72,38 @@ void backward(const BackwardArgs<T>& a) {
   if (a.grad_x) matmul(d.N, d.D_in, d.H, gh, a.w1.t(), a.grad_x);
 }
 
+// The tutorial's order: forward, loss and its gradient, backward, then the gradients go
+// where s says (stored, or w -= lr * grad).
 template <typename T>
-double sgd_step(const StepArgs<T>& s) {
+double step(const StepArgs<T>& s) {
   const Dims d = s.d;
-  std::vector<T> act(d.N * d.H), y(d.N * d.D_out), t(d.N * d.D_out), grad_y(d.N * d.D_out);
-  std::vector<T> gw1(d.D_in * d.H), gb1(d.H), gw2(d.H * d.D_out), gb2(d.D_out);
-  const View<T> w1 = s.w1.view(), w2 = s.w2.view();
-  forward<T>({d, s.x, w1, w2, {s.b1.p, s.b1.stride}, {s.b2.p, s.b2.stride}, act.data(), y.data()});
+  const int64_t ny = d.N * d.D_out;
+  std::vector<T> act(d.N * d.H), y(ny), t(ny), grad_y(ny);
+  std::vector<T> gw1(d.D_in * d.H), gw2(d.H * d.D_out), gb1(d.H), gb2(d.D_out);
+  forward<T>({d, s.x, s.w1, s.w2, s.b1, s.b2, act.data(), y.data()});
   for (int64_t i = 0; i < d.N; ++i)
     for (int64_t j = 0; j < d.D_out; ++j) t[i * d.D_out + j] = s.target.p[i * s.target.rs + j * s.target.cs];
-  const double n = double(d.N * d.D_out);
+  const double n = double(ny);
   const T scale2 = T(s.mean ? 2.0 / n : 2.0);
-  const double total = squared_error_sum<T>(y.data(), t.data(), grad_y.data(), scale2, d.N * d.D_out);
-  backward<T>({d, row_major<T>(grad_y.data(), d.D_out), s.x, w1, w2, act.data(), nullptr,
-               gw1.data(), s.b1 ? gb1.data() : nullptr, gw2.data(), s.b2 ? gb2.data() : nullptr});
-  apply_sgd_update(s, gw1.data(), gw2.data(), gb1.data(), gb2.data());
+  const double total = squared_error_sum<T>(y.data(), t.data(), grad_y.data(), scale2, ny);
+  if (s.wants_any_grad()) {
+    auto want = [](const GradOut<T>& o, std::vector<T>& g) { return o.wanted() ? g.data() : nullptr; };
+    backward<T>({d, row_major<T>(grad_y.data(), d.D_out), s.x, s.w1, s.w2, act.data(), s.grad_x,
+                 want(s.gw1, gw1), want(s.gw2, gw2), want(s.gb1, gb1), want(s.gb2, gb2)});
+    if (s.grad_target)
+      for (int64_t i = 0; i < ny; ++i) s.grad_target[i] = -grad_y[i];
+    deliver(s.gw1, gw1.data(), d.D_in, d.H);
+    deliver(s.gw2, gw2.data(), d.H, d.D_out);
+    deliver(s.gb1, gb1.data(), 1, d.H);
+    deliver(s.gb2, gb2.data(), 1, d.D_out);
+  }
   return s.mean ? total / n : total;
 }
 
 #define TWOLAYER_INSTANTIATE(T)                              \
   template void forward<T>(const ForwardArgs<T>&);           \
   template void backward<T>(const BackwardArgs<T>&);         \
-  template double sgd_step<T>(const StepArgs<T>&);
+  template double step<T>(const StepArgs<T>&);
 TWOLAYER_INSTANTIATE(float)
 TWOLAYER_INSTANTIATE(double)
 #undef TWOLAYER_INSTANTIATE

@@ -71,8 +71,8 @@ void backward(const BackwardArgs<T>& a) {
 }
 template <typename T>
 double step(const StepArgs<T>& a) {
-  if (use_reference()) return reference::sgd_step(a);
-  return use_avx2() ? tuned_avx2::sgd_step(a) : tuned_portable::sgd_step(a);
+  if (use_reference()) return reference::step(a);
+  return use_avx2() ? tuned_avx2::step(a) : tuned_portable::step(a);
 }
 
 template <typename T>
@@ -80,13 +80,32 @@ View<T> view(const at::Tensor& t) {
   return {t.data_ptr<T>(), t.stride(0), t.stride(1)};
 }
 template <typename T>
-MutView<T> mut_view(const at::Tensor& t) {
-  return {t.data_ptr<T>(), t.stride(0), t.stride(1)};
-}
-template <typename T>
 Bias<T> bias(const OptTensor& b) {
   if (!b) return {nullptr, 0};
   return {b->data_ptr<std::remove_const_t<T>>(), b->stride(0)};
+}
+template <typename T>
+T* ptr_or_null(OptTensor& t) {
+  return t ? t->data_ptr<T>() : nullptr;
+}
+// A gradient stored into a fresh row-major tensor.
+template <typename T>
+GradOut<T> store_into(OptTensor& g) {
+  GradOut<T> o;
+  o.store = ptr_or_null<T>(g);
+  return o;
+}
+// w -= lr * grad in place, for a 2-D weight or a 1-D bias (one row); nothing when absent
+// or not to be updated.
+template <typename T>
+GradOut<T> update_in_place(const OptTensor& w, bool update, T lr) {
+  GradOut<T> o;
+  if (!w || !update) return o;
+  const at::Tensor& t = *w;
+  o.update = t.dim() == 2 ? MutView<T>{t.data_ptr<T>(), t.stride(0), t.stride(1)}
+                          : MutView<T>{t.data_ptr<T>(), 0, t.stride(0)};
+  o.lr = lr;
+  return o;
 }
 
 constexpr int64_t kElementwiseGrain = 1 << 15;
@@ -146,7 +165,7 @@ template double squared_error_sum<double>(const double*, const double*, double*,
 std::tuple<at::Tensor, at::Tensor> two_layer_fwd(const at::Tensor& x, const at::Tensor& w1,
                                                  const at::Tensor& w2, const OptTensor& b1,
                                                  const OptTensor& b2) {
-  const Dims d = check_two_layer_args("two_layer", x, w1, b1, w2, b2);
+  const Dims d = check_two_layer_args("two_layer", x, w1, w2, b1, b2);
   auto act = at::empty({d.N, d.H}, x.options());
   auto y = at::empty({d.N, d.D_out}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "two_layer_fwd", [&] {
@@ -160,26 +179,26 @@ std::tuple<at::Tensor, at::Tensor> two_layer_fwd(const at::Tensor& x, const at::
 
 Grads5 two_layer_bwd(const at::Tensor& grad_y, const OptTensor& x, const OptTensor& w1,
                      const at::Tensor& w2, const at::Tensor& act_in, std::array<bool, 5> output_mask) {
-  const auto [need_x, need_w1, need_b1, need_w2, need_b2] = output_mask;
+  const auto [need_x, need_w1, need_w2, need_b1, need_b2] = output_mask;
   const Dims d = check_two_layer_bwd_args(grad_y, x, w1, w2, act_in, need_x, need_w1);
   const auto act = act_in.expect_contiguous();  // two_layer_fwd's own act: no copy
   const auto opts = act->options();
-  OptTensor grad_x, grad_w1, grad_b1, grad_w2, grad_b2;
+  OptTensor grad_x, grad_w1, grad_w2, grad_b1, grad_b2;
   if (need_x) grad_x = at::empty({d.N, d.D_in}, opts);
   if (need_w1) grad_w1 = at::empty({d.D_in, d.H}, opts);
-  if (need_b1) grad_b1 = at::empty({d.H}, opts);
   if (need_w2) grad_w2 = at::empty({d.H, d.D_out}, opts);
+  if (need_b1) grad_b1 = at::empty({d.H}, opts);
   if (need_b2) grad_b2 = at::empty({d.D_out}, opts);
   AT_DISPATCH_FLOATING_TYPES(act->scalar_type(), "two_layer_bwd", [&] {
     using T = scalar_t;
-    auto ptr = [](OptTensor& t) { return t ? t->data_ptr<T>() : nullptr; };
     const View<T> none{nullptr, 0, 0};
     const BackwardArgs<T> a{d, view<T>(grad_y), grad_w1 ? view<T>(*x) : none,
                             grad_x ? view<T>(*w1) : none, view<T>(w2), act->data_ptr<T>(),
-                            ptr(grad_x), ptr(grad_w1), ptr(grad_b1), ptr(grad_w2), ptr(grad_b2)};
+                            ptr_or_null<T>(grad_x), ptr_or_null<T>(grad_w1), ptr_or_null<T>(grad_w2),
+                            ptr_or_null<T>(grad_b1), ptr_or_null<T>(grad_b2)};
     backward(a);
   });
-  return {grad_x, grad_w1, grad_b1, grad_w2, grad_b2};
+  return {grad_x, grad_w1, grad_w2, grad_b1, grad_b2};
 }
 
 std::tuple<at::Tensor, OptTensor> l2_loss_fwd(const at::Tensor& pred, const at::Tensor& target,
@@ -208,16 +227,49 @@ at::Tensor l2_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& grad) {
   return at::mul(grad, grad_loss.reshape({}));
 }
 
+FusedLossGrads two_layer_l2_loss_fwd(const at::Tensor& x, const at::Tensor& target,
+                                     const at::Tensor& w1, const at::Tensor& w2,
+                                     const OptTensor& b1, const OptTensor& b2,
+                                     c10::string_view reduction, std::array<bool, 6> output_mask) {
+  const Dims d = check_two_layer_l2_loss_args(x, target, w1, w2, b1, b2);
+  const bool mean = parse_reduction("two_layer_l2_loss", reduction) == Reduction::Mean;
+  const auto [need_x, need_target, need_w1, need_w2, need_b1, need_b2] = output_mask;
+  const auto opts = x.options();
+  auto loss = at::empty({}, opts);
+  OptTensor grad_x, grad_target, grad_w1, grad_w2, grad_b1, grad_b2;
+  if (need_x) grad_x = at::empty({d.N, d.D_in}, opts);
+  if (need_target) grad_target = at::empty({d.N, d.D_out}, opts);
+  if (need_w1) grad_w1 = at::empty({d.D_in, d.H}, opts);
+  if (need_w2) grad_w2 = at::empty({d.H, d.D_out}, opts);
+  if (need_b1 && b1) grad_b1 = at::empty({d.H}, opts);
+  if (need_b2 && b2) grad_b2 = at::empty({d.D_out}, opts);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "two_layer_l2_loss_fwd", [&] {
+    using T = scalar_t;
+    const StepArgs<T> s{d, view<T>(x), view<T>(target), view<T>(w1), view<T>(w2),
+                        bias<const T>(b1), bias<const T>(b2), mean,
+                        ptr_or_null<T>(grad_x), ptr_or_null<T>(grad_target),
+                        store_into<T>(grad_w1), store_into<T>(grad_w2), store_into<T>(grad_b1),
+                        store_into<T>(grad_b2)};
+    loss.fill_(step(s));
+  });
+  return {loss, grad_x, grad_target, grad_w1, grad_w2, grad_b1, grad_b2};
+}
+
 at::Tensor sgd_step(const at::Tensor& x, const at::Tensor& target, const at::Tensor& w1,
                     const at::Tensor& w2, const OptTensor& b1, const OptTensor& b2, double lr,
-                    c10::string_view reduction) {
+                    c10::string_view reduction, std::array<bool, 4> update) {
   const Dims d = check_sgd_step_args(x, target, w1, w2, b1, b2, lr);
   const bool mean = parse_reduction("sgd_step", reduction) == Reduction::Mean;
+  const auto [update_w1, update_w2, update_b1, update_b2] = update;
   auto loss = at::empty({}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sgd_step", [&] {
     using T = scalar_t;
-    const StepArgs<T> s{d, view<T>(x), view<T>(target), mut_view<T>(w1), mut_view<T>(w2),
-                        bias<T>(b1), bias<T>(b2), T(lr), mean};
+    const StepArgs<T> s{d, view<T>(x), view<T>(target), view<T>(w1), view<T>(w2),
+                        bias<const T>(b1), bias<const T>(b2), mean, nullptr, nullptr,
+                        update_in_place<T>(w1, update_w1, T(lr)),
+                        update_in_place<T>(w2, update_w2, T(lr)),
+                        update_in_place<T>(b1, update_b1, T(lr)),
+                        update_in_place<T>(b2, update_b2, T(lr))};
     loss.fill_(step(s));
   });
   return loss;

@@ -36,7 +36,7 @@ c10::Device cuda_device_of(const char* op, const char* name, const at::Tensor& t
 std::tuple<at::Tensor, at::Tensor> two_layer_fwd(const at::Tensor& x, const at::Tensor& w1,
                                                  const at::Tensor& w2, const OptTensor& b1,
                                                  const OptTensor& b2) {
-  const Dims d = check_two_layer_args("two_layer", x, w1, b1, w2, b2);
+  const Dims d = check_two_layer_args("two_layer", x, w1, w2, b1, b2);
   const c10::cuda::CUDAGuard guard(cuda_device_of("two_layer", "x", x));
   auto act = at::empty({d.N, d.H}, x.options());
   auto y = at::empty({d.N, d.D_out}, x.options());

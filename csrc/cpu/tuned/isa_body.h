@@ -16,13 +16,13 @@ void backward(const BackwardArgs<T>& a) {
   backward_impl(a);
 }
 template <typename T>
-double sgd_step(const StepArgs<T>& a) {
-  return sgd_step_impl(a);
+double step(const StepArgs<T>& a) {
+  return step_impl(a);
 }
 
 template void forward<float>(const ForwardArgs<float>&);
 template void forward<double>(const ForwardArgs<double>&);
 template void backward<float>(const BackwardArgs<float>&);
 template void backward<double>(const BackwardArgs<double>&);
-template double sgd_step<float>(const StepArgs<float>&);
-template double sgd_step<double>(const StepArgs<double>&);
+template double step<float>(const StepArgs<float>&);
+template double step<double>(const StepArgs<double>&);

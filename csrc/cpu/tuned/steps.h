@@ -130,6 +130,32 @@ void loss_grad(int64_t n, const Dims& d, const T* act, View<T> w2, const T* b2, 
   }
 }
 
+// A gradient C [M, N] = A @ B, delivered where `out` says: stored row-major, or applied
+// as w -= lr * C in the GEMM's epilogue (the update is linear in the sum).
+template <typename T>
+void gradient_gemm(const GradOut<T>& out, int64_t M, int64_t N, int64_t K, View<T> A, View<T> B) {
+  if (out.store) {
+    auto e = into(out.store, N, Store<T>{});
+    gemm<T>(M, N, K, A, B, e);
+  } else if (out.update.p) {
+    SgdUpdate<T> e{out.update, out.lr};
+    gemm<T>(M, N, K, A, B, e);
+  }
+}
+
+// A bias gradient: the column sums of a row-major [rows, cols] gradient, delivered.
+template <typename T>
+void bias_gradient(const GradOut<T>& out, const T* g, int64_t rows, int64_t cols) {
+  if (out.store) column_sums<T>(g, rows, cols, [&](int64_t j, T s) { out.store[j] = s; });
+  else if (out.update.p)
+    column_sums<T>(g, rows, cols, [&](int64_t j, T s) { out.update(0, j) -= out.lr * s; });
+}
+
+template <typename T>
+void negate(const T* g, int64_t n, T* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = -g[i];
+}
+
 // Narrow layers (small weights, many rows) take the row-blocked step below.
 inline bool row_blocked_fits(const Dims& d) {
   return d.N >= 4096 && d.D_in * d.H + d.H * d.D_out <= (1 << 16);
@@ -140,17 +166,17 @@ inline bool row_blocked_fits(const Dims& d) {
 // are split into a fixed number of groups, each with its own gradient sums,
 // added in group order at the end: the same bits for any thread count.
 template <typename T>
-double sgd_step_row_blocked(const StepArgs<T>& s, const T* b1, const T* b2) {
+double step_row_blocked(const StepArgs<T>& s, const T* b1, const T* b2) {
   const Dims d = s.d;
   constexpr int64_t kRows = 192, kGroups = 8;
   const int64_t tiles = (d.D_out + Tiles<T>::NR - 1) / Tiles<T>::NR;
   const int64_t blocks = (d.N + kRows - 1) / kRows;
   // Per group: grad_w1 [D_in, H], grad_w2 [H, D_out], grad_b1 [H], grad_b2 [D_out].
   const int64_t per_group = d.D_in * d.H + d.H * d.D_out + d.H + d.D_out;
+  const bool hidden = s.wants_hidden_grad(), any = s.wants_any_grad();
   T* sums = workspace<T, kGroupSums>(kGroups * per_group);
   std::fill(sums, sums + kGroups * per_group, T(0));
   double group_loss[kGroups] = {};
-  const View<T> w1 = s.w1.view(), w2 = s.w2.view();
   const double n = double(d.N * d.D_out);
   const T scale2 = T(s.mean ? 2.0 / n : 2.0);
 
@@ -169,60 +195,80 @@ double sgd_step_row_blocked(const StepArgs<T>& s, const T* b1, const T* b2) {
         const View<T> x{s.x.p + r0 * s.x.rs, s.x.rs, s.x.cs};
         const View<T> t{s.target.p + r0 * s.target.rs, s.target.rs, s.target.cs};
         const Dims bd{rows, d.D_in, d.H, d.D_out};
-        layer1(bd, x, w1, b1, act);
-        loss_grad(rows, bd, act, w2, b2, t, scale2, grad_y, sq, tiles);
+        layer1(bd, x, s.w1, b1, act);
+        loss_grad(rows, bd, act, s.w2, b2, t, scale2, grad_y, sq, tiles);
         group_loss[g] += pairwise_sum(sq, rows * tiles);
-        hidden_grad(rows, bd, row_major<T>(grad_y, d.D_out), w2, act, grad_h);
-        Accumulate<T> a2{gw2, d.D_out}, a1{gw1, d.H};
-        gemm<T>(d.H, d.D_out, rows, row_major<T>(act, d.H).t(), row_major<T>(grad_y, d.D_out), a2);
-        gemm<T>(d.D_in, d.H, rows, x.t(), row_major<T>(grad_h, d.H), a1);
-        for (int64_t i = 0; i < rows; ++i) {
-          if (s.b2) for (int64_t j = 0; j < d.D_out; ++j) gb2[j] += grad_y[i * d.D_out + j];
-          if (s.b1) for (int64_t j = 0; j < d.H; ++j) gb1[j] += grad_h[i * d.H + j];
+        if (!any) continue;
+        if (s.grad_target) negate(grad_y, rows * d.D_out, s.grad_target + r0 * d.D_out);
+        if (s.gw2.wanted()) {
+          Accumulate<T> a2{gw2, d.D_out};
+          gemm<T>(d.H, d.D_out, rows, row_major<T>(act, d.H).t(), row_major<T>(grad_y, d.D_out), a2);
+        }
+        if (s.gb2.wanted())
+          for (int64_t i = 0; i < rows; ++i)
+            for (int64_t j = 0; j < d.D_out; ++j) gb2[j] += grad_y[i * d.D_out + j];
+        if (!hidden) continue;
+        hidden_grad(rows, bd, row_major<T>(grad_y, d.D_out), s.w2, act, grad_h);
+        const View<T> gh = row_major<T>(grad_h, d.H);
+        if (s.gw1.wanted()) {
+          Accumulate<T> a1{gw1, d.H};
+          gemm<T>(d.D_in, d.H, rows, x.t(), gh, a1);
+        }
+        if (s.gb1.wanted())
+          for (int64_t i = 0; i < rows; ++i)
+            for (int64_t j = 0; j < d.H; ++j) gb1[j] += grad_h[i * d.H + j];
+        if (s.grad_x) {
+          auto e = into(s.grad_x + r0 * d.D_in, d.D_in, Store<T>{});
+          gemm<T>(rows, d.D_in, d.H, gh, s.w1.t(), e);
         }
       }
     }
   });
-  // Sum the groups in order into group 0, then w -= lr * grad.
-  for (int64_t g = 1; g < kGroups; ++g)
+  // Sum the groups in order into group 0, then deliver (every read of the weights is done).
+  for (int64_t g = 1; g < kGroups && any; ++g)
     for (int64_t i = 0; i < per_group; ++i) sums[i] += sums[g * per_group + i];
   const T* gw1 = sums;
   const T* gw2 = gw1 + d.D_in * d.H;
   const T* gb1 = gw2 + d.H * d.D_out;
   const T* gb2 = gb1 + d.H;
-  apply_sgd_update(s, gw1, gw2, gb1, gb2);
+  deliver(s.gw1, gw1, d.D_in, d.H);
+  deliver(s.gw2, gw2, d.H, d.D_out);
+  deliver(s.gb1, gb1, 1, d.H);
+  deliver(s.gb2, gb2, 1, d.D_out);
   double total = 0.0;
   for (int64_t g = 0; g < kGroups; ++g) total += group_loss[g];
   return s.mean ? total / n : total;
 }
 
 template <typename T>
-double sgd_step_impl(const StepArgs<T>& s) {
+double step_impl(const StepArgs<T>& s) {
   const Dims d = s.d;
   const ContiguousBias<T> b1(s.b1.p, s.b1.stride, d.H), b2(s.b2.p, s.b2.stride, d.D_out);
-  if (row_blocked_fits(d)) return sgd_step_row_blocked(s, b1.p, b2.p);
+  if (row_blocked_fits(d)) return step_row_blocked(s, b1.p, b2.p);
   const int64_t tiles = (d.D_out + Tiles<T>::NR - 1) / Tiles<T>::NR;
   // One arena: act [N, H], grad_h [N, H], grad_y [N, D_out]; the loss partials apart.
   T* act = workspace<T, kActivations>(2 * d.N * d.H + d.N * d.D_out);
   T* grad_h = act + d.N * d.H;
   T* grad_y = grad_h + d.N * d.H;
   double* sq = workspace<double, kLossPartials>(d.N * tiles);
-  const View<T> w1 = s.w1.view(), w2 = s.w2.view();
   const double n = double(d.N * d.D_out);
 
-  layer1(d, s.x, w1, b1.p, act);
+  layer1(d, s.x, s.w1, b1.p, act);
   // grad_y = dL/dy for y = act @ w2 + b2, the loss summed on the way; y is never stored.
-  loss_grad(d.N, d, act, w2, b2.p, s.target, T(s.mean ? 2.0 / n : 2.0), grad_y, sq, tiles);
-  // grad_h = mask(grad_y @ w2^T), at the old w2: before w2 is updated.
-  hidden_grad(d.N, d, row_major<T>(grad_y, d.D_out), w2, act, grad_h);
-  // w2 -= lr * act^T @ grad_y;  w1 -= lr * x^T @ grad_h  (the updates are the epilogues)
-  SgdUpdate<T> u2{s.w2, s.lr};
-  gemm<T>(d.H, d.D_out, d.N, row_major<T>(act, d.H).t(), row_major<T>(grad_y, d.D_out), u2);
-  SgdUpdate<T> u1{s.w1, s.lr};
-  gemm<T>(d.D_in, d.H, d.N, s.x.t(), row_major<T>(grad_h, d.H), u1);
-  if (s.b2) column_sums<T>(grad_y, d.N, d.D_out, [&](int64_t j, T g) { s.b2[j] -= s.lr * g; });
-  if (s.b1) column_sums<T>(grad_h, d.N, d.H, [&](int64_t j, T g) { s.b1[j] -= s.lr * g; });
-
+  loss_grad(d.N, d, act, s.w2, b2.p, s.target, T(s.mean ? 2.0 / n : 2.0), grad_y, sq, tiles);
   const double total = pairwise_sum(sq, d.N * tiles);
+  const View<T> gy = row_major<T>(grad_y, d.D_out), gh = row_major<T>(grad_h, d.H);
+  if (s.grad_target) negate(grad_y, d.N * d.D_out, s.grad_target);
+  // grad_h = mask(grad_y @ w2^T), and grad_x from it, at the old weights: before any update.
+  if (s.wants_hidden_grad()) hidden_grad(d.N, d, gy, s.w2, act, grad_h);
+  if (s.grad_x) {
+    auto e = into(s.grad_x, d.D_in, Store<T>{});
+    gemm<T>(d.N, d.D_in, d.H, gh, s.w1.t(), e);
+  }
+  // grad_w2 = act^T @ grad_y;  grad_w1 = x^T @ grad_h  (an SGD update is the epilogue)
+  gradient_gemm(s.gw2, d.H, d.D_out, d.N, row_major<T>(act, d.H).t(), gy);
+  gradient_gemm(s.gw1, d.D_in, d.H, d.N, s.x.t(), gh);
+  bias_gradient(s.gb2, grad_y, d.N, d.D_out);
+  bias_gradient(s.gb1, grad_h, d.N, d.H);
   return s.mean ? total / n : total;
 }
