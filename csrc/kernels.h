@@ -52,10 +52,6 @@ using FusedLossGrads =
 
 namespace cpu {
 TWOLAYER_DECLARE_OP_KERNELS
-// The CPU kernel variant used by every op: "tuned" (default) or "reference";
-// returns the previous one. TWOLAYER_CPU_KERNEL sets the initial choice.
-std::string set_kernel_variant(c10::string_view name);
-std::string kernel_info();  // e.g. "tuned (avx2+fma, threads: 2)"
 }  // namespace cpu
 
 #ifdef TWOLAYER_WITH_CUDA

@@ -4,6 +4,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/variants.h"
 #include "kernels.h"
 
 extern "C" {
@@ -42,11 +43,23 @@ TORCH_LIBRARY(twolayer_ext, m) {
   // in one call (weights mutated).
   m.def("sgd_step(Tensor x, Tensor target, Tensor(a!) w1, Tensor(b!) w2, Tensor(c!)? b1,"
         " Tensor(d!)? b2, float lr, str reduction, bool[4] update) -> Tensor loss");
-  // Process-wide choice of CPU kernel variant ("tuned" or "reference"), for experiments.
+  // The CPU kernel variants (cpu/variants.h): the process-wide choice, and the table.
   m.def("set_cpu_kernel(str name) -> str", [](c10::string_view name) {
     return twolayer::cpu::set_kernel_variant(name);
   });
-  m.def("cpu_kernel_info() -> str", [] { return twolayer::cpu::kernel_info(); });
+  m.def("cpu_kernel_info(int[]? dims=None) -> str", [](at::OptionalIntArrayRef dims) {
+    std::optional<twolayer::Dims> d;
+    if (dims) {
+      TORCH_CHECK_VALUE(dims->size() == 4, "cpu_kernel_info: shape must be (N, D_in, H, D_out), got ",
+                        dims->size(), " numbers");
+      d = twolayer::Dims{(*dims)[0], (*dims)[1], (*dims)[2], (*dims)[3]};
+    }
+    return twolayer::cpu::kernel_info(d);
+  });
+  m.def("cpu_kernels() -> str[]", [] { return twolayer::cpu::kernel_names(); });
+  m.def("cpu_kernel_missing(str name) -> str", [](c10::string_view name) {
+    return twolayer::cpu::kernel_missing(name);
+  });
 }
 
 TORCH_LIBRARY_IMPL(twolayer_ext, CPU, m) {

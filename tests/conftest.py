@@ -11,11 +11,18 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
 TORCH_DTYPE = {"float32": torch.float32, "float64": torch.float64}
 
 
-@pytest.fixture(params=twolayer_ext.CPU_KERNELS)
+@pytest.fixture(params=twolayer_ext.CPU_VARIANTS)
 def cpu_kernel(request):
-    """Runs a test once per CPU kernel variant (use with pytestmark usefixtures)."""
-    if request.param != "tuned" and "cuda" in request.node.name:
-        pytest.skip("CPU kernel variants do not apply on CUDA")
+    """Runs a test once per CPU kernel variant of the registry (use with pytestmark
+    usefixtures); a variant whose ISA this CPU lacks is skipped with the reason."""
+    if "cuda" in request.node.name:
+        if request.param != twolayer_ext.CPU_VARIANTS[-1]:
+            pytest.skip("CPU kernel variants do not apply on CUDA")
+        yield None  # one CUDA run
+        return
+    missing = twolayer_ext.cpu_kernel_missing(request.param)
+    if missing:
+        pytest.skip(f"{request.param}: {missing}")
     with twolayer_ext.use_cpu_kernel(request.param):
         yield request.param
 

@@ -231,23 +231,21 @@ def _draw_problem(data, *, allow_expand_weights=True, allow_slice_weights=True, 
     return dtype, (N, D_in, H, D_out), (x, w1, w2, b1, b2), rng, ex + e1 + e2
 
 
-KERNELS = tuple(getattr(tl, "CPU_KERNELS", ()))
+# Every variant this CPU runs, and the "auto" policy.
+KERNELS = ("auto",) + tuple(k for k in tl.CPU_VARIANTS if not tl.cpu_kernel_missing(k))
 
 
 def _draw_kernel(data):
-    """Each case also draws the CPU kernel variant (when the build has several): same cost,
-    both variants covered."""
-    if len(KERNELS) > 1:
-        tl.set_cpu_kernel(data.draw(st.sampled_from(KERNELS), label="cpu_kernel"))
+    """Each case also draws the CPU kernel variant: same cost, every variant covered."""
+    tl.set_cpu_kernel(data.draw(st.sampled_from(KERNELS), label="cpu_kernel"))
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _restore_kernel():
-    before = tl.cpu_kernel_info() if len(KERNELS) > 1 else None
+    before = tl.set_cpu_kernel("auto")
+    tl.set_cpu_kernel(before)
     yield
-    if before is not None:
-        name = next((k for k in KERNELS if k in before), KERNELS[0])
-        tl.set_cpu_kernel(name)
+    tl.set_cpu_kernel(before)
 
 
 # ---- properties -------------------------------------------------------------------------------

@@ -98,26 +98,39 @@ def two_layer_l2_loss(x, target, w1, w2, b1=None, b2=None, *, reduction="sum"):
 
 # ---- CPU kernel variants ----------------------------------------------------------------------
 
-CPU_KERNELS = ("tuned", "reference")
+# The table of variants lives in C++ (csrc/cpu/variants.cpp): these are read from it.
+CPU_VARIANTS = tuple(_ops.cpu_kernels())
+CPU_KERNELS = ("auto", "tuned") + CPU_VARIANTS  # every name set_cpu_kernel takes
+
+
+def cpu_kernel_missing(name):
+    """Why this CPU cannot run the variant `name` ("" when it can), e.g. "needs a CPU with avx512"."""
+    return _ops.cpu_kernel_missing(name)
 
 
 def set_cpu_kernel(name):
-    """Selects the CPU kernels every op uses from now on: "tuned" (the default: blocked AVX2/FMA
-    GEMMs with fused epilogues) or "reference" (plain loops, for checking and experiments).
-    Returns the previous name. The environment variable TWOLAYER_CPU_KERNEL sets the start."""
+    """Selects the CPU kernels every op uses from now on; returns the previous choice.
+
+    "auto" (the default) picks per problem shape between our tuned kernels and "blas" (the
+    platform BLAS, with our fused elementwise passes) by a rule measured on the machine;
+    "tuned" is our kernels for the best ISA this CPU has (TWOLAYER_ISA=avx512|avx2|portable
+    forces one); or any of CPU_VARIANTS, e.g. "tuned-avx2", "blas", "reference" (plain loops,
+    for checking). The environment variable TWOLAYER_CPU_KERNEL sets the start.
+    """
     if name not in CPU_KERNELS:
         raise ValueError(f"set_cpu_kernel: name must be one of {CPU_KERNELS}, got {name!r}")
     return _ops.set_cpu_kernel(name)
 
 
-def cpu_kernel_info():
-    """The CPU kernel variant in use, the GEMM micro-kernel's ISA and the thread count."""
-    return _ops.cpu_kernel_info()
+def cpu_kernel_info(shape=None):
+    """The CPU kernel choice and the thread count; given shape = (N, D_in, H, D_out), also
+    the variant it runs for that problem, e.g. "auto: blas, threads: 2"."""
+    return _ops.cpu_kernel_info(None if shape is None else [int(v) for v in shape])
 
 
 @contextlib.contextmanager
 def use_cpu_kernel(name):
-    """with use_cpu_kernel("reference"): ...  (restores the previous variant on exit)"""
+    """with use_cpu_kernel("reference"): ...  (restores the previous choice on exit)"""
     previous = set_cpu_kernel(name)
     try:
         yield

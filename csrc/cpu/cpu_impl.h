@@ -1,9 +1,7 @@
-// What the CPU kernel variants share: raw strided views of the op arguments,
-// and the implementations behind the op entry points in two_layer_cpu.cpp
-// (which check arguments, allocate outputs and pick a variant):
-//   tuned      blocked GEMMs with fused epilogues (tuned_impl/*.h), compiled
-//              twice, for AVX2+FMA and for baseline x86-64, chosen at run time;
-//   reference  plain loops (reference_cpu.cpp).
+// What the CPU kernel variants share: raw strided views of the op arguments and
+// the argument structs of their three kernels (forward, backward, the fused step).
+// The op entry points (two_layer_cpu.cpp) check arguments, allocate outputs and
+// hand these to the variant the registry picks (variants.h).
 #pragma once
 
 #include <algorithm>
@@ -94,17 +92,14 @@ struct StepArgs {
   }
 };
 
-#define TWOLAYER_DECLARE_VARIANT(ns)                            \
-  namespace ns {                                                \
-  template <typename T> void forward(const ForwardArgs<T>& a);  \
+// The kernels every CPU variant provides (a namespace per variant; the table that
+// names them is in variants.cpp).
+#define TWOLAYER_DECLARE_VARIANT(ns)                           \
+  namespace ns {                                               \
+  template <typename T> void forward(const ForwardArgs<T>& a); \
   template <typename T> void backward(const BackwardArgs<T>& a); \
-  template <typename T> double step(const StepArgs<T>& a);      \
-  const char* isa();                                            \
+  template <typename T> double step(const StepArgs<T>& a);     \
   }
-TWOLAYER_DECLARE_VARIANT(tuned_avx2)
-TWOLAYER_DECLARE_VARIANT(tuned_portable)
-TWOLAYER_DECLARE_VARIANT(reference)
-#undef TWOLAYER_DECLARE_VARIANT
 
 // The sum of squares of (p - t) over n contiguous elements, in double, the same
 // bits for any thread count; if g != nullptr also g = scale2 * (p - t).

@@ -1,4 +1,4 @@
-// The tuned kernels compiled for AVX2 + FMA (chosen at run time when the CPU has them).
+// The tuned kernels compiled for AVX2 + FMA (the registry runs them when the CPU has both).
 #include <immintrin.h>
 
 #include "tuned/prelude.h"
@@ -6,17 +6,15 @@
 #if defined(__x86_64__)
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
-#define TWOLAYER_AVX2_KERNELS 1  // the pragma does not define __AVX2__ for #if
 namespace twolayer::cpu::tuned_avx2 {
-#include "tuned/isa_body.h"
-const char* isa() { return "avx2+fma"; }
+constexpr tuning::Isa kIsa = tuning::Isa::Avx2;
+#include "tuned/simd_avx2.inc"
+#include "tuned/body.inc"
 }  // namespace twolayer::cpu::tuned_avx2
-#undef TWOLAYER_AVX2_KERNELS
 #pragma GCC pop_options
-#else
-// Not x86-64: the portable build serves (two_layer_cpu.cpp never picks this one).
+#else  // not x86-64: never chosen (the CPU lacks AVX2); the portable body keeps the link whole
 namespace twolayer::cpu::tuned_avx2 {
-#include "tuned/isa_body.h"
-const char* isa() { return "portable"; }
+constexpr tuning::Isa kIsa = tuning::Isa::Portable;
+#include "tuned/body.inc"
 }  // namespace twolayer::cpu::tuned_avx2
 #endif

@@ -2,6 +2,6 @@
 #include "tuned/prelude.h"
 
 namespace twolayer::cpu::tuned_portable {
-#include "tuned/isa_body.h"
-const char* isa() { return "portable"; }
+constexpr tuning::Isa kIsa = tuning::Isa::Portable;
+#include "tuned/body.inc"
 }  // namespace twolayer::cpu::tuned_portable

@@ -1,79 +1,23 @@
 // CPU op entry points: check the arguments, allocate the outputs, then hand
-// raw strided views to the selected kernel variant (tuned or reference; see
-// set_kernel_variant). The L2 loss, one pass for both variants, lives here too.
+// raw strided views to the kernel variant the registry picks for the shape
+// (variants.h). The L2 loss, one pass for every variant, lives here too.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mul.h>
 
-#include <atomic>
 #include <cmath>
-#include <cstdlib>
-#include <string>
 #include <type_traits>
 #include <vector>
 
 #include "../kernels.h"
 #include "cpu_impl.h"
+#include "tuning.h"
+#include "variants.h"
 
 namespace twolayer::cpu {
 
 namespace {
-
-enum class Variant : int { Tuned = 0, Reference = 1 };
-
-// `what` names where the name came from, for the error.
-Variant variant_from_name(c10::string_view name, const char* what) {
-  if (name == "tuned") return Variant::Tuned;
-  if (name == "reference") return Variant::Reference;
-  TORCH_CHECK_VALUE(false, what, " must be \"tuned\" or \"reference\", got \"",
-                    std::string(name.data(), name.size()), "\"");
-}
-
-// Starts from TWOLAYER_CPU_KERNEL (tuned if unset), changed by set_kernel_variant.
-std::atomic<int>& current_variant() {
-  static std::atomic<int> v{[] {
-    const char* env = std::getenv("TWOLAYER_CPU_KERNEL");
-    return int(env && *env ? variant_from_name(env, "TWOLAYER_CPU_KERNEL") : Variant::Tuned);
-  }()};
-  return v;
-}
-
-bool use_reference() { return current_variant().load() == int(Variant::Reference); }
-
-// The tuned kernels exist twice: for AVX2 + FMA and for any x86-64 CPU.
-// TWOLAYER_NO_AVX2=1 forces the portable build (to test what a CPU without AVX2 gets).
-bool use_avx2() {
-  static const bool yes = [] {
-    const char* off = std::getenv("TWOLAYER_NO_AVX2");
-    if (off && off[0] == '1') return false;
-#if defined(__x86_64__)
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-    return false;
-#endif
-  }();
-  return yes;
-}
-
-template <typename T>
-void forward(const ForwardArgs<T>& a) {
-  if (use_reference()) reference::forward(a);
-  else if (use_avx2()) tuned_avx2::forward(a);
-  else tuned_portable::forward(a);
-}
-template <typename T>
-void backward(const BackwardArgs<T>& a) {
-  if (use_reference()) reference::backward(a);
-  else if (use_avx2()) tuned_avx2::backward(a);
-  else tuned_portable::backward(a);
-}
-template <typename T>
-double step(const StepArgs<T>& a) {
-  if (use_reference()) return reference::step(a);
-  return use_avx2() ? tuned_avx2::step(a) : tuned_portable::step(a);
-}
 
 template <typename T>
 View<T> view(const at::Tensor& t) {
@@ -108,22 +52,7 @@ GradOut<T> update_in_place(const OptTensor& w, bool update, T lr) {
   return o;
 }
 
-constexpr int64_t kElementwiseGrain = 1 << 15;
-
 }  // namespace
-
-std::string set_kernel_variant(c10::string_view name) {
-  const Variant v = variant_from_name(name, "set_cpu_kernel: name");
-  return current_variant().exchange(int(v)) == int(Variant::Reference) ? "reference" : "tuned";
-}
-
-std::string kernel_info() {
-  const char* isa = use_reference() ? reference::isa()
-                    : use_avx2()      ? tuned_avx2::isa()
-                                      : tuned_portable::isa();
-  return std::string(use_reference() ? "reference" : "tuned") + " (" + isa +
-         ", threads: " + std::to_string(at::get_num_threads()) + ")";
-}
 
 template <typename T>
 double squared_error_sum(const T* p, const T* t, T* g, T scale2, int64_t n) {
@@ -136,7 +65,7 @@ double squared_error_sum(const T* p, const T* t, T* g, T scale2, int64_t n) {
   thread_local std::vector<double> buffer;
   buffer.assign(chunks, 0.0);
   double* partial = buffer.data();
-  at::parallel_for(0, chunks, kElementwiseGrain / kChunk, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, chunks, tuning::kElementwiseGrain / kChunk, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t begin = c * kChunk, end = std::min(n, begin + kChunk);
       double lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // independent chains, vectorizable
@@ -172,7 +101,7 @@ std::tuple<at::Tensor, at::Tensor> two_layer_fwd(const at::Tensor& x, const at::
     using T = scalar_t;
     const ForwardArgs<T> a{d, view<T>(x), view<T>(w1), view<T>(w2), bias<const T>(b1),
                            bias<const T>(b2), act.data_ptr<T>(), y.data_ptr<T>()};
-    forward(a);
+    variant_for(d).kernels<T>().forward(a);
   });
   return {y, act};
 }
@@ -196,7 +125,7 @@ Grads5 two_layer_bwd(const at::Tensor& grad_y, const OptTensor& x, const OptTens
                             grad_x ? view<T>(*w1) : none, view<T>(w2), act->data_ptr<T>(),
                             ptr_or_null<T>(grad_x), ptr_or_null<T>(grad_w1), ptr_or_null<T>(grad_w2),
                             ptr_or_null<T>(grad_b1), ptr_or_null<T>(grad_b2)};
-    backward(a);
+    variant_for(d).kernels<T>().backward(a);
   });
   return {grad_x, grad_w1, grad_w2, grad_b1, grad_b2};
 }
@@ -250,7 +179,7 @@ FusedLossGrads two_layer_l2_loss_fwd(const at::Tensor& x, const at::Tensor& targ
                         ptr_or_null<T>(grad_x), ptr_or_null<T>(grad_target),
                         store_into<T>(grad_w1), store_into<T>(grad_w2), store_into<T>(grad_b1),
                         store_into<T>(grad_b2)};
-    loss.fill_(step(s));
+    loss.fill_(variant_for(d).kernels<T>().step(s));
   });
   return {loss, grad_x, grad_target, grad_w1, grad_w2, grad_b1, grad_b2};
 }
@@ -270,7 +199,7 @@ at::Tensor sgd_step(const at::Tensor& x, const at::Tensor& target, const at::Ten
                         update_in_place<T>(w2, update_w2, T(lr)),
                         update_in_place<T>(b1, update_b1, T(lr)),
                         update_in_place<T>(b2, update_b2, T(lr))};
-    loss.fill_(step(s));
+    loss.fill_(variant_for(d).kernels<T>().step(s));
   });
   return loss;
 }

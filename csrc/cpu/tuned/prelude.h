@@ -1,6 +1,6 @@
 // The headers every ISA build of the tuned kernels needs, included before any
 // target pragma (so that their inline functions stay baseline code); the
-// tuned/*.h bodies include nothing themselves.
+// tuned/*.inc fragments include nothing themselves.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -12,3 +12,4 @@
 #include <vector>
 
 #include "../cpu_impl.h"
+#include "../tuning.h"

@@ -1,0 +1,215 @@
+// The "blas" CPU variant: every GEMM through ATen (MKL, or whatever BLAS torch
+// links), our fused elementwise work in vectorizable passes between them. Where the
+// platform BLAS beats our GEMM (large, square-ish layers) this is the faster route;
+// "auto" picks it per shape (variants.cpp, tuning.h).
+#include <ATen/Parallel.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu_impl.h"
+#include "tuning.h"
+
+namespace twolayer::cpu::blas {
+
+namespace {
+
+// A strided [rows, cols] view of our memory as a tensor (no copy, no ownership).
+template <typename T>
+at::Tensor as_tensor(const T* p, int64_t rows, int64_t cols, int64_t rs, int64_t cs) {
+  return at::from_blob(const_cast<T*>(p), {rows, cols}, {rs, cs},
+                       at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+}
+template <typename T>
+at::Tensor as_tensor(View<T> v, int64_t rows, int64_t cols) {
+  return as_tensor(v.p, rows, cols, v.rs, v.cs);
+}
+template <typename T>
+at::Tensor as_tensor(const MutView<T>& v, int64_t rows, int64_t cols) {
+  return as_tensor<T>(v.p, rows, cols, v.rs, v.cs);
+}
+template <typename T>
+at::Tensor row_major_tensor(const T* p, int64_t rows, int64_t cols) {
+  return as_tensor(p, rows, cols, cols, 1);
+}
+
+// f(i0, i1) over rows [0, rows) in fixed chunks of about kElementwiseGrain elements.
+template <typename F>
+void for_row_chunks(int64_t rows, int64_t cols, F f) {
+  const int64_t chunk = std::max<int64_t>(1, tuning::kElementwiseGrain / std::max<int64_t>(cols, 1));
+  at::parallel_for(0, rows, chunk, f);
+}
+
+// act = relu(act + b1) with the mask in the sign bit, in place.
+template <typename T>
+void bias_relu(T* act, int64_t rows, int64_t cols, Bias<const T> b) {
+  std::vector<T> bias(cols, T(0));
+  if (b) for (int64_t j = 0; j < cols; ++j) bias[j] = b[j];
+  const T* bp = bias.data();
+  for_row_chunks(rows, cols, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      T* r = act + i * cols;
+      for (int64_t j = 0; j < cols; ++j) r[j] = relu_with_sign_mask(r[j] + bp[j]);
+    }
+  });
+}
+
+// grad_h zeroed where the forward's ReLU blocked (numpy: grad_h[h < 0] = 0), in place.
+template <typename T>
+void relu_mask(T* grad_h, const T* act, int64_t n) {
+  at::parallel_for(0, n, tuning::kElementwiseGrain, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i)
+      grad_h[i] = std::copysign(T(1), act[i]) > T(0) ? grad_h[i] : T(0);
+  });
+}
+
+// y [rows, cols] row-major -> grad_y = scale2 * (y - target) in place; returns the sum of
+// squared errors in double, over fixed row chunks added pairwise (thread-count independent).
+template <typename T>
+double loss_and_grad(T* y, View<T> target, int64_t rows, int64_t cols, T scale2) {
+  constexpr int64_t kRows = 256;
+  const int64_t chunks = (rows + kRows - 1) / kRows;
+  std::vector<double> partial(std::max<int64_t>(chunks, 1), 0.0);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      double acc = 0.0;
+      for (int64_t i = c * kRows; i < std::min(rows, (c + 1) * kRows); ++i) {
+        T* g = y + i * cols;
+        const T* t = target.p + i * target.rs;
+        for (int64_t j = 0; j < cols; ++j) {
+          const T d = g[j] - t[j * target.cs];
+          acc += double(d) * double(d);
+          g[j] = scale2 * d;
+        }
+      }
+      partial[c] = acc;
+    }
+  });
+  return pairwise_sum(partial.data(), chunks);
+}
+
+// Column sums of a row-major [rows, cols] matrix in double, rows in order.
+template <typename T>
+std::vector<T> column_sums(const T* g, int64_t rows, int64_t cols) {
+  std::vector<double> s(cols, 0.0);
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) s[j] += double(g[i * cols + j]);
+  return std::vector<T>(s.begin(), s.end());
+}
+
+// C = A @ B delivered where `out` says: into a fresh row-major gradient, or w -= lr * C
+// by the BLAS itself (addmm with beta 1, alpha -lr, on the weight in place).
+void gradient_gemm_to(const at::Tensor& a, const at::Tensor& b, at::Tensor store,
+                      at::Tensor weight, double lr) {  // by value: mm_out takes an lvalue
+  if (store.defined()) at::mm_out(store, a, b);
+  else if (weight.defined()) weight.addmm_(a, b, 1.0, -lr);
+}
+
+template <typename T>
+void deliver_gemm(const GradOut<T>& out, const at::Tensor& a, const at::Tensor& b) {
+  const int64_t rows = a.size(0), cols = b.size(1);
+  gradient_gemm_to(a, b, out.store ? row_major_tensor<T>(out.store, rows, cols) : at::Tensor(),
+                   out.update.p ? as_tensor(out.update, rows, cols) : at::Tensor(), double(out.lr));
+}
+
+}  // namespace
+
+template <typename T>
+void forward(const ForwardArgs<T>& a) {
+  const Dims d = a.d;
+  at::Tensor act = row_major_tensor<T>(a.act, d.N, d.H);
+  at::mm_out(act, as_tensor(a.x, d.N, d.D_in), as_tensor(a.w1, d.D_in, d.H));
+  bias_relu(a.act, d.N, d.H, a.b1);
+  at::Tensor y = row_major_tensor<T>(a.y, d.N, d.D_out);
+  at::mm_out(y, act, as_tensor(a.w2, d.H, d.D_out));
+  if (a.b2)
+    for (int64_t i = 0; i < d.N; ++i)
+      for (int64_t j = 0; j < d.D_out; ++j) a.y[i * d.D_out + j] += a.b2[j];
+}
+
+template <typename T>
+void backward(const BackwardArgs<T>& a) {
+  const Dims d = a.d;
+  const at::Tensor act = row_major_tensor<T>(a.act, d.N, d.H);
+  const at::Tensor gy = as_tensor(a.grad_y, d.N, d.D_out);
+  if (a.grad_w2) {
+    at::Tensor out = row_major_tensor<T>(a.grad_w2, d.H, d.D_out);
+    at::mm_out(out, act.t(), gy);
+  }
+  if (a.grad_b2)
+    for (int64_t j = 0; j < d.D_out; ++j) {
+      double s = 0.0;
+      for (int64_t i = 0; i < d.N; ++i) s += double(a.grad_y.p[i * a.grad_y.rs + j * a.grad_y.cs]);
+      a.grad_b2[j] = T(s);
+    }
+  if (!a.grad_x && !a.grad_w1 && !a.grad_b1) return;
+  at::Tensor gh = at::mm(gy, as_tensor(a.w2, d.H, d.D_out).t()).contiguous();
+  relu_mask(gh.data_ptr<T>(), a.act, d.N * d.H);
+  if (a.grad_w1) {
+    at::Tensor out = row_major_tensor<T>(a.grad_w1, d.D_in, d.H);
+    at::mm_out(out, as_tensor(a.x, d.N, d.D_in).t(), gh);
+  }
+  if (a.grad_b1) {
+    const auto s = column_sums(gh.data_ptr<T>(), d.N, d.H);
+    std::copy(s.begin(), s.end(), a.grad_b1);
+  }
+  if (a.grad_x) {
+    at::Tensor out = row_major_tensor<T>(a.grad_x, d.N, d.D_in);
+    at::mm_out(out, gh, as_tensor(a.w1, d.D_in, d.H).t());
+  }
+}
+
+template <typename T>
+double step(const StepArgs<T>& s) {
+  const Dims d = s.d;
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  at::Tensor act = at::empty({d.N, d.H}, opts), gy = at::empty({d.N, d.D_out}, opts);
+  const at::Tensor x = as_tensor(s.x, d.N, d.D_in), w1 = as_tensor(s.w1, d.D_in, d.H);
+  const at::Tensor w2 = as_tensor(s.w2, d.H, d.D_out);
+  at::mm_out(act, x, w1);
+  bias_relu(act.data_ptr<T>(), d.N, d.H, s.b1);
+  at::mm_out(gy, act, w2);  // y, turned into grad_y in place
+  if (s.b2)
+    for (int64_t i = 0; i < d.N; ++i)
+      for (int64_t j = 0; j < d.D_out; ++j) gy.data_ptr<T>()[i * d.D_out + j] += s.b2[j];
+  const double n = double(d.N * d.D_out);
+  const double total =
+      loss_and_grad(gy.data_ptr<T>(), s.target, d.N, d.D_out, T(s.mean ? 2.0 / n : 2.0));
+  T* g = gy.data_ptr<T>();
+  if (s.grad_target)
+    for (int64_t i = 0; i < d.N * d.D_out; ++i) s.grad_target[i] = -g[i];
+  at::Tensor gh;
+  if (s.wants_hidden_grad()) {  // at the old w2, before any update
+    gh = at::mm(gy, w2.t()).contiguous();
+    relu_mask(gh.data_ptr<T>(), act.data_ptr<T>(), d.N * d.H);
+  }
+  if (s.grad_x) {
+    at::Tensor out = row_major_tensor<T>(s.grad_x, d.N, d.D_in);
+    at::mm_out(out, gh, w1.t());
+  }
+  deliver_gemm(s.gw2, act.t(), gy);
+  if (s.gw1.wanted()) deliver_gemm(s.gw1, x.t(), gh);
+  if (s.gb2.wanted()) {
+    const auto b = column_sums(g, d.N, d.D_out);
+    deliver(s.gb2, b.data(), 1, d.D_out);
+  }
+  if (s.gb1.wanted()) {
+    const auto b = column_sums(gh.data_ptr<T>(), d.N, d.H);
+    deliver(s.gb1, b.data(), 1, d.H);
+  }
+  return s.mean ? total / n : total;
+}
+
+#define TWOLAYER_INSTANTIATE(T)                      \
+  template void forward<T>(const ForwardArgs<T>&);   \
+  template void backward<T>(const BackwardArgs<T>&); \
+  template double step<T>(const StepArgs<T>&);
+TWOLAYER_INSTANTIATE(float)
+TWOLAYER_INSTANTIATE(double)
+#undef TWOLAYER_INSTANTIATE
+
+}  // namespace twolayer::cpu::blas

@@ -1,0 +1,152 @@
+// The variant table, and the choice among its rows (see variants.h).
+// Adding a variant: a file with its namespace's forward/backward/step (see
+// cpu_impl.h for the argument structs), and one line in TWOLAYER_CPU_VARIANTS.
+#include "variants.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+
+#include "tuning.h"
+
+namespace twolayer::cpu {
+
+// namespace, name, the ISA it needs. Order: the tuned builds best first.
+#define TWOLAYER_CPU_VARIANTS(X)             \
+  X(tuned_avx512, "tuned-avx512", "avx512")  \
+  X(tuned_avx2, "tuned-avx2", "avx2")        \
+  X(tuned_portable, "tuned-portable", "")    \
+  X(blas, "blas", "")                        \
+  X(reference, "reference", "")
+
+#define TWOLAYER_DECLARE(ns, name, isa) TWOLAYER_DECLARE_VARIANT(ns)
+TWOLAYER_CPU_VARIANTS(TWOLAYER_DECLARE)
+#undef TWOLAYER_DECLARE
+
+namespace {
+
+#define TWOLAYER_ROW(ns, name, isa)                                                       \
+  Variant{name, isa, {&ns::forward<float>, &ns::backward<float>, &ns::step<float>},       \
+          {&ns::forward<double>, &ns::backward<double>, &ns::step<double>}},
+const Variant kTable[] = {TWOLAYER_CPU_VARIANTS(TWOLAYER_ROW)};
+#undef TWOLAYER_ROW
+constexpr int kRows = int(sizeof(kTable) / sizeof(kTable[0]));
+
+bool cpu_has(const char* isa) {
+  if (!*isa) return true;
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  if (!std::strcmp(isa, "avx2"))
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (!std::strcmp(isa, "avx512"))
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("fma");
+#endif
+  return false;
+}
+
+int row_of(c10::string_view name) {
+  for (int i = 0; i < kRows; ++i)
+    if (name == kTable[i].name) return i;
+  return -1;
+}
+
+std::string names_list() {
+  std::string s = "\"auto\", \"tuned\"";
+  for (const auto& v : kTable) s += std::string(", \"") + v.name + "\"";
+  return s;
+}
+
+// The choice: a table row, or one of these policies.
+constexpr int kAuto = -2, kTuned = -1;
+
+// `what` names where the name came from, for the error.
+int choice_from_name(c10::string_view name, const char* what) {
+  if (name == "auto") return kAuto;
+  if (name == "tuned") return kTuned;
+  const int row = row_of(name);
+  TORCH_CHECK_VALUE(row >= 0, what, " must be one of ", names_list(), ", got \"",
+                    std::string(name.data(), name.size()), "\"");
+  TORCH_CHECK(cpu_has(kTable[row].isa), what, " \"", kTable[row].name,
+              "\" needs a CPU with ", kTable[row].isa, ", which this one lacks");
+  return row;
+}
+
+std::atomic<int>& current_choice() {
+  static std::atomic<int> c{[] {
+    const char* env = std::getenv("TWOLAYER_CPU_KERNEL");
+    return env && *env ? choice_from_name(env, "TWOLAYER_CPU_KERNEL") : kAuto;
+  }()};
+  return c;
+}
+
+// The tuned build "tuned" and "auto" run: TWOLAYER_ISA=avx512|avx2|portable, else the
+// best this CPU has.
+int tuned_row() {
+  static const int row = [] {
+    const char* env = std::getenv("TWOLAYER_ISA");
+    if (env && *env) {
+      const int r = row_of(std::string("tuned-") + env);
+      TORCH_CHECK_VALUE(r >= 0, "TWOLAYER_ISA must be avx512, avx2 or portable, got \"", env, "\"");
+      TORCH_CHECK(cpu_has(kTable[r].isa), "TWOLAYER_ISA=", env, ": this CPU lacks ", kTable[r].isa);
+      return r;
+    }
+    for (int r = 0; r < kRows; ++r)
+      if (!std::strncmp(kTable[r].name, "tuned-", 6) && cpu_has(kTable[r].isa)) return r;
+    return row_of("tuned-portable");
+  }();
+  return row;
+}
+
+int row_for(int choice, const Dims& d) {
+  if (choice >= 0) return choice;
+  if (choice == kAuto && tuning::auto_prefers_blas(d.N, d.D_in, d.H, d.D_out))
+    return row_of("blas");
+  return tuned_row();
+}
+
+std::string choice_name(int choice) {
+  return choice == kAuto ? "auto" : choice == kTuned ? "tuned" : kTable[choice].name;
+}
+
+}  // namespace
+
+const Variant& variant_for(const Dims& d) { return kTable[row_for(current_choice().load(), d)]; }
+
+std::string set_kernel_variant(c10::string_view name) {
+  const int c = choice_from_name(name, "set_cpu_kernel: name");
+  if (c < 0) tuned_row();  // a bad TWOLAYER_ISA fails here, not in the middle of an op
+  return choice_name(current_choice().exchange(c));
+}
+
+std::string kernel_info(const std::optional<Dims>& d) {
+  const int c = current_choice().load();
+  std::string s = choice_name(c);
+  if (d) {
+    s += std::string(": ") + kTable[row_for(c, *d)].name;
+  } else if (c == kAuto) {
+    s += std::string(" (") + kTable[tuned_row()].name + " or blas, by shape)";
+  } else if (c == kTuned) {
+    s += std::string(" (") + kTable[tuned_row()].name + ")";
+  }
+  return s + ", threads: " + std::to_string(at::get_num_threads());
+}
+
+std::vector<std::string> kernel_names() {
+  std::vector<std::string> names;
+  for (const auto& v : kTable) names.emplace_back(v.name);
+  return names;
+}
+
+std::string kernel_missing(c10::string_view name) {
+  const int row = row_of(name);
+  TORCH_CHECK_VALUE(row >= 0, "cpu_kernel_missing: name must be one of ", names_list(), ", got \"",
+                    std::string(name.data(), name.size()), "\"");
+  return cpu_has(kTable[row].isa) ? "" : std::string("needs a CPU with ") + kTable[row].isa;
+}
+
+}  // namespace twolayer::cpu
