@@ -3,6 +3,11 @@
 TWOLAYER_CUDA=1 forces the CUDA build (and fails if it cannot be done), TWOLAYER_CUDA=0
 forces CPU-only; unset, CUDA is built when torch is a CUDA build and nvcc is found.
 Build with the installed torch: pip install --no-build-isolation -e .
+
+`make build` instead compiles with `setup.py build_ext --inplace --force` into the persistent
+build/ folder, where ninja recompiles only what changed (sources, headers or flags), and registers
+the package with pip once with TWOLAYER_REGISTER_ONLY=1: an editable install that leaves the
+extension out (pip would compile it again in a fresh temporary folder) and uses the in-place one.
 """
 import glob
 import os
@@ -64,7 +69,11 @@ def extension():
     cxx += shlex.split(os.environ.get("TWOLAYER_EXTRA_CFLAGS", ""))
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     link = ["-fopenmp"] + shlex.split(os.environ.get("TWOLAYER_EXTRA_LDFLAGS", ""))
-    kwargs = dict(extra_link_args=link, py_limited_api=True)
+    # Headers too: setuptools relinks only when a dependency is newer than the .so, and ninja's
+    # own header tracking only rebuilds the objects.
+    depends = sorted(f for ext in ("h", "inc", "cuh") for f in
+                     glob.glob(f"csrc/**/*.{ext}", recursive=True)) + ["setup.py"]
+    kwargs = dict(extra_link_args=link, py_limited_api=True, depends=depends)
     if not build_cuda:
         return cpp_extension.CppExtension(
             "twolayer_ext._C", sources, extra_compile_args={"cxx": cxx}, **kwargs)
@@ -84,9 +93,10 @@ def extension():
         extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs)
 
 
+register_only = os.environ.get("TWOLAYER_REGISTER_ONLY", "").strip() == "1"
 setup(
     packages=find_packages(include=["twolayer_ext", "twolayer_ext.*"]),
-    ext_modules=[extension()],
+    ext_modules=[] if register_only else [extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import twolayer_ext
+from twolayer_ext import backends as B
 from twolayer_ext import reference as R
 from twolayer_ext import train
 
@@ -44,7 +45,7 @@ def test_default_run_is_the_tutorial(tmp_path):
     summary = json.loads(out.read_text())
     assert summary["config"]["steps"] == 500 and summary["config"]["bias"] is False
     backends = summary["backends"]
-    assert list(backends) == ["numpy", "manual", "autograd", "fused"]
+    assert list(backends) == ["numpy", "manual", "autograd", "sgd_step"]
     x, y, params = R.tutorial_data(seed=0)
     first = R.numpy_loss(R.numpy_forward(x, params["w1"], params["w2"])[2], y)
     for b in backends.values():
@@ -81,11 +82,11 @@ def test_small_run_replays_the_oracle(tmp_path, capsys):
     summary = json.loads(out.read_text())
     assert summary["config"]["reduction"] == "mean" and summary["config"]["bias"] is True
     assert summary["backends"]["numpy"]["losses"] == expected  # the same code, bit for bit
-    for name in ("manual", "autograd", "fused"):
+    for name in ("manual", "autograd", "sgd_step"):
         np.testing.assert_allclose(summary["backends"][name]["losses"], expected, rtol=1e-10)
     assert expected[-1] < expected[0]
 
-    saved = torch.load(weights)  # the fused backend's final weights
+    saved = torch.load(weights)  # sgd_step's final weights
     assert sorted(saved) == ["b1", "b2", "w1", "w2"]
     for k, v in saved.items():
         np.testing.assert_allclose(v.numpy(), params[k], rtol=1e-10, atol=1e-12)
@@ -100,12 +101,12 @@ def test_small_run_replays_the_oracle(tmp_path, capsys):
 
 def test_one_backend_float32(tmp_path, capsys):
     out = tmp_path / "run.json"
-    assert train.main(SMALL + ["--backend", "fused", "--dtype", "float32",
+    assert train.main(SMALL + ["--backend", "sgd_step", "--dtype", "float32",
                                "--json", str(out)]) == 0
     stdout = capsys.readouterr().out
     summary = json.loads(out.read_text())
-    assert list(summary["backends"]) == ["fused"]
-    fused = summary["backends"]["fused"]
+    assert list(summary["backends"]) == ["sgd_step"]
+    fused = summary["backends"]["sgd_step"]
     assert fused["speedup_vs_autograd"] is None and "n/a" in stdout
     assert "max rel diff" not in stdout and "backends agree" not in stdout
     x, y, params = R.tutorial_data(16, 50, 20, 4, seed=0)
@@ -122,6 +123,46 @@ def test_backend_list_and_plot(tmp_path, capsys):
     data = png.read_bytes()
     assert data[:8] == PNG_MAGIC and len(data) > 10_000
     assert [p.name for p in tmp_path.iterdir()] == ["loss.png"]  # no temporary left behind
+
+
+def test_every_registry_backend_replays_the_oracle(tmp_path, capsys):
+    """--backend all: every training backend of twolayer_ext.backends, one table."""
+    out = tmp_path / "run.json"
+    assert train.main(SMALL + ["--bias", "--backend", "all", "--json", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    backends = json.loads(out.read_text())["backends"]
+    assert list(backends) == list(train.CHOICES)
+    assert {"module", "compile", "ext_autograd", "fused_loss", "sgd_step"} <= set(backends)
+    assert all(f"sgd_step[{k}]" in backends for k in twolayer_ext.CPU_KERNELS
+               if k != B.current_cpu_kernel())
+    for name, b in backends.items():
+        np.testing.assert_allclose(b["losses"], backends["numpy"]["losses"], rtol=1e-9,
+                                   err_msg=name)
+        assert B.label(name) in stdout
+
+
+def test_diverging_run_stops_with_one_line_and_exit_1():
+    """--lr 1e-2 on the tutorial's problem overflows within a few steps."""
+    proc = subprocess.run([sys.executable, "-m", "twolayer_ext.train", "--lr", "1e-2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr  # no numpy RuntimeWarning
+    assert lines[0].startswith("twolayer_ext.train: stopped at step ")
+    assert "of numpy" in lines[0] and "--lr 0.01" in lines[0]
+    assert "nan" not in proc.stdout  # no rows of nan
+
+
+@pytest.mark.parametrize("argv", [["--backend", "sgd_step,fused_loss"],
+                                  ["--data", "digits", "--epochs", "1"]])
+def test_diverging_torch_paths_stop_too(argv, tmp_path, capsys, recwarn):
+    out = tmp_path / "run.json"
+    base = [] if "digits" in argv else SMALL
+    assert train.main(base + argv + ["--lr", "50", "--json", str(out)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "stopped at step " in err[0] and "--lr 50" in err[0]
+    assert not out.exists()  # nothing written for a run that did not finish
+    assert len(recwarn) == 0
 
 
 def test_digits_learns(tmp_path, capsys):
@@ -155,7 +196,10 @@ BAD = [
     (["--seed", "-1"], "--seed"),
     (["--epochs", "3"], "--epochs"),
     (["--data", "digits", "--D-in", "10"], "--D-in"),
-    (["--data", "digits", "--backend", "fused"], "--backend"),
+    (["--data", "digits", "--backend", "sgd_step"], "--backend"),
+    (["--backend", "fused"], "fused"),
+    (["--backend", "module+adam"], "module+adam"),  # the comparison trains with SGD
+    (["--backend", "gemm_floor"], "gemm_floor"),    # not a training step
     (["--ddp"], "torchrun"),
     (["--frobnicate"], "--frobnicate"),
     (["--plot", "{tmp}/missing/loss.png"], "does not exist"),

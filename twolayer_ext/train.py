@@ -1,14 +1,17 @@
 """The training CLI: python -m twolayer_ext.train (installed as twolayer-train).
 
-  --data random (default)  the tutorial's problem, trained by every --backend (numpy oracle,
-                           torch by hand, autograd, our fused sgd_step) from the same arrays:
-                           a loss table, how far apart they are, time per step
-  --data digits            TwoLayerNet on scikit-learn's handwritten digits, test accuracy
+  --data random (default)  the tutorial's problem, trained by every --backend (by default
+                           the numpy oracle, torch by hand, autograd and our fused sgd_step;
+                           any training backend of twolayer_ext.backends) from the same
+                           arrays: a loss table, how far apart they are, time per step
+  --data digits            TwoLayerNet on scikit-learn's handwritten digits (the fused loss +
+                           torch.optim.SGD), test accuracy
   --ddp (under torchrun)   either data set with TwoLayerNet in DistributedDataParallel, each
                            global batch sharded across the ranks; rank 0 reports
 
-Bad input gets one line on stderr and exit code 2 before anything runs; output files are
-written whole (a temporary file, then a rename) after training.
+Bad input gets one line on stderr and exit code 2 before anything runs; a loss that goes
+non-finite stops the run with one line and exit code 1; output files are written whole (a
+temporary file, then a rename) after training.
 """
 import argparse
 import importlib.util
@@ -24,16 +27,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import backends as B
 from . import data as D
-from . import reference as R
+from ._io import write_atomic
 from ._loader import available_devices
 from .module import TwoLayerNet
-from .ops import l2_loss, sgd_step
+from .ops import l2_loss
 
 PROG = "twolayer_ext.train"
-BACKENDS = ("numpy", "manual", "autograd", "fused")
-BACKEND_LABELS = {"numpy": "numpy (oracle)", "manual": "torch by hand", "autograd": "autograd",
-                  "fused": "fused sgd_step"}
+# The comparison trains with SGD at --lr: every training backend of the registry can take part.
+CHOICES = tuple(B.names(optimizers=("sgd",), training_only=True))
+TUTORIAL = ("numpy", "manual", "autograd", "sgd_step")  # the default: the tutorial four ways
 DTYPES = {"float32": (np.float32, torch.float32), "float64": (np.float64, torch.float64)}
 # Defaults for options left unset, per data set. random: the tutorial exactly. digits: chosen
 # so the default run reaches ~97-98% test accuracy in about a second of training.
@@ -47,6 +51,17 @@ NOT_FOR = {"random": ("epochs",), "digits": ("D_in", "D_out", "steps", "backend"
 
 class UsageError(Exception):
     """Bad command-line input: reported as one line, exit code 2."""
+
+
+class Diverged(Exception):
+    """A non-finite training loss: reported as one line, exit code 1."""
+
+
+def _check_finite(loss, where, args):
+    """Diverged unless loss is finite; where: the step, e.g. "step 4 of numpy"."""
+    if not math.isfinite(loss):
+        raise Diverged(f"stopped at {where}: the loss is {loss} (the run diverged: the "
+                       f"learning rate --lr {args.lr:g} is likely too large; try a smaller one)")
 
 
 # ---- arguments ---------------------------------------------------------------------------------
@@ -77,11 +92,15 @@ _positive_float = _number(float, lambda v: 0 < v < math.inf, "a finite number > 
 def _backend_list(text):
     names = [n.strip() for n in text.split(",")]
     if names == ["all"]:
-        return BACKENDS
+        return CHOICES
     for n in names:
-        if n not in BACKENDS:
+        try:
+            spec = B.parse(n)
+        except ValueError:
+            spec = None
+        if spec is None or spec.optimizer != "sgd" or not spec.backend.trains:
             raise argparse.ArgumentTypeError(
-                f"unknown backend {n!r} (choose from {', '.join(BACKENDS)}, all, "
+                f"unknown backend {n!r} (choose from {', '.join(CHOICES)}, all, "
                 f"or a comma-separated list)")
     return tuple(dict.fromkeys(names))
 
@@ -95,8 +114,8 @@ def build_parser():
     a("--data", choices=("random", "digits"), default="random",
       help="random: the tutorial's randn problem (default); digits: 8x8 handwritten digits")
     a("--backend", type=_backend_list, default=None, metavar="NAMES",
-      help="random data only: numpy, manual, autograd, fused, or all (default); a comma list "
-           "picks several")
+      help=f"random data only: a comma list of {', '.join(CHOICES)}, or all (default: "
+           f"{','.join(TUTORIAL)})")
     a("--N", type=_positive_int, metavar="N",
       help="batch size (random: the whole problem, 64; digits: the mini-batch, 32)")
     a("--D-in", dest="D_in", type=_positive_int, metavar="D", help="input size (random: 1000)")
@@ -121,7 +140,7 @@ def build_parser():
     a("--plot", metavar="FILE.png", help="write the loss curves as a PNG")
     a("--json", metavar="FILE", help="write the numbers as JSON")
     a("--save", metavar="FILE.pt", help="torch.save the trained weights {w1, w2[, b1, b2]} "
-      "(random: the fused backend's, or the first one run)")
+      "(random: sgd_step's, or the first backend's run)")
     a("--ddp", action="store_true", help="data-parallel: start with torchrun --nproc_per_node=K")
     return p
 
@@ -134,14 +153,14 @@ def parse_args(argv=None):
             raise UsageError(f"--{opt.replace('_', '-')} does not apply to --data {args.data}")
     if args.ddp and args.backend is not None:
         raise UsageError("--backend does not apply to --ddp (DDP trains TwoLayerNet through "
-                         "two_layer, l2_loss and autograd)")
+                         "the fused loss and autograd)")
     for name, value in DEFAULTS[args.data].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.data == "digits":
         args.D_in, args.D_out = D.DIGITS_FEATURES, D.DIGITS_CLASSES
     elif args.backend is None:
-        args.backend = BACKENDS
+        args.backend = TUTORIAL
 
     if args.device == "cuda":
         if "cuda" not in available_devices():
@@ -207,22 +226,6 @@ class Progress:
             sys.stderr.flush()
 
 
-def _write_atomic(path, write_bytes):
-    """write_bytes(file) into a temporary file beside path, then rename it over path."""
-    p = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write_bytes(f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _finite_or_none(v):
     return v if math.isfinite(v) else None
 
@@ -230,15 +233,15 @@ def _finite_or_none(v):
 def _write_outputs(args, summary, plot_fn, weights):
     if args.json:
         text = json.dumps(summary, indent=1, allow_nan=False).encode()
-        _write_atomic(args.json, lambda f: f.write(text))
+        write_atomic(args.json, lambda f: f.write(text))
     if args.save:
-        _write_atomic(args.save, lambda f: torch.save(weights, f))
+        write_atomic(args.save, lambda f: torch.save(weights, f))
     if args.plot:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         fig = plot_fn(plt)
-        _write_atomic(args.plot, lambda f: fig.savefig(f, format="png", dpi=100))
+        write_atomic(args.plot, lambda f: fig.savefig(f, format="png", dpi=100))
         plt.close(fig)
     for opt in ("plot", "json", "save"):
         if getattr(args, opt):
@@ -281,32 +284,11 @@ def _weights_rel_diff(a, b):
 
 # ---- the tutorial's problem, backend by backend -------------------------------------------------
 
-def make_backend(name, x, y, params, *, lr, reduction, device):
-    """(step, weights): step() runs one SGD step and returns the loss before it (a float);
-    weights() gives the current weights as numpy arrays."""
-    if name == "numpy":
-        p = {k: None if v is None else v.copy() for k, v in params.items()}
-        return (lambda: R.numpy_sgd_step(x, y, p, lr, reduction)), (lambda: p)
-    xt, yt = torch.tensor(x, device=device), torch.tensor(y, device=device)
-    p = {k: None if v is None else torch.tensor(v, device=device,
-                                                requires_grad=name == "autograd")
-         for k, v in params.items()}
-
-    def weights():
-        return {k: None if v is None else v.detach().cpu().numpy() for k, v in p.items()}
-
-    if name == "manual":
-        return (lambda: R.manual_sgd_step(xt, yt, p, lr, reduction)), weights
-    if name == "autograd":
-        return (lambda: R.autograd_sgd_step(xt, yt, p, lr, reduction)), weights
-    return (lambda: sgd_step(xt, yt, p["w1"], p["w2"], p["b1"], p["b2"], lr=lr,
-                             reduction=reduction).item()), weights
-
-
 def run_compare(args):
-    np_dtype, _ = DTYPES[args.dtype]
+    np_dtype, torch_dtype = DTYPES[args.dtype]
     x, y, params = D.tutorial_problem(args.N, args.D_in, args.H, args.D_out, seed=args.seed,
                                       bias=args.bias, dtype=np_dtype)
+    problem = B.Problem(x, y, params, args.lr, args.reduction, args.device, torch_dtype)
     names = args.backend
     print(f"{PROG}: the tutorial's problem N={args.N} D_in={args.D_in} H={args.H} "
           f"D_out={args.D_out}{' with bias' if args.bias else ''}, SGD lr={args.lr:g} on the "
@@ -315,35 +297,40 @@ def run_compare(args):
     progress = Progress(args.steps * len(names))
     losses, times, weights = {}, {}, {}
     try:
-        for name in names:
-            step, get_weights = make_backend(name, x, y, params, lr=args.lr,
-                                             reduction=args.reduction, device=args.device)
-            losses[name], times[name] = [], []
-            for _ in range(args.steps):
-                t0 = time.perf_counter()
-                loss = step()
-                times[name].append(time.perf_counter() - t0)
-                losses[name].append(loss)
-                progress.advance(name)
-            weights[name] = get_weights()
+        # Overflow is reported by the finiteness check, not by numpy warnings.
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            for name in names:
+                runner = B.build(name, problem)
+                losses[name], times[name] = [], []
+                for t in range(args.steps):
+                    t0 = time.perf_counter()
+                    loss = float(runner.step())
+                    times[name].append(time.perf_counter() - t0)
+                    _check_finite(loss, f"step {t} of {name}", args)
+                    losses[name].append(loss)
+                    progress.advance(name)
+                weights[name] = runner.weights()
     finally:
         progress.close()
 
     rel = [_rel_diff([losses[n][t] for n in names]) for t in range(args.steps)]
-    header = f"{'step':>5}" + "".join(f"{n:>14}" for n in names)
+    width = {n: max(14, len(n) + 2) for n in names}
+    header = f"{'step':>5}" + "".join(f"{n:>{width[n]}}" for n in names)
     print(header + (f"{'max rel diff':>14}" if len(names) > 1 else ""))
     rows = [t for t in range(args.steps) if t % args.log_every == 0 or t == args.steps - 1]
     for t in rows:
-        line = f"{t:>5}" + "".join(f"{losses[n][t]:>14.6e}" for n in names)
+        line = f"{t:>5}" + "".join(f"{losses[n][t]:>{width[n]}.6e}" for n in names)
         print(line + (f"{rel[t]:>14.1e}" if len(names) > 1 else ""))
 
     median = {n: statistics.median(times[n]) for n in names}
     speedup = {n: median["autograd"] / median[n] if "autograd" in median else None
                for n in names}
-    print(f"\n{'backend':<16}{'final loss':>14}{'median step':>14}{'vs autograd':>13}")
+    label = {n: B.label(n) for n in names}
+    lw = max(16, *(len(v) + 2 for v in label.values()))
+    print(f"\n{'backend':<{lw}}{'final loss':>14}{'median step':>14}{'vs autograd':>13}")
     for n in names:
         sp = f"{speedup[n]:.2f}x" if speedup[n] is not None else "n/a"
-        print(f"{BACKEND_LABELS[n]:<16}{losses[n][-1]:>14.6e}{_us(median[n]):>14}{sp:>13}")
+        print(f"{label[n]:<{lw}}{losses[n][-1]:>14.6e}{_us(median[n]):>14}{sp:>13}")
     ref = names[0]
     w_rel = max((_weights_rel_diff(weights[n], weights[ref]) for n in names[1:]), default=0.0)
     max_rel = max(rel)
@@ -358,25 +345,25 @@ def run_compare(args):
         "max_rel_diff": {"loss": max_rel, "weights": w_rel},
         "log_steps": rows,
     }
-    keep = "fused" if "fused" in names else ref
+    keep = "sgd_step" if "sgd_step" in names else ref
     saved = {k: torch.tensor(v) for k, v in weights[keep].items() if v is not None}
 
     def plot(plt):
         fig, (ax, bx) = plt.subplots(1, 2, figsize=(9, 3.6),
                                      gridspec_kw={"width_ratios": [2.2, 1]})
         styles = {"numpy": dict(lw=5, alpha=0.35), "manual": dict(lw=2.5, ls="--"),
-                  "autograd": dict(lw=1.8, ls="-."), "fused": dict(lw=1.2, color="black")}
+                  "autograd": dict(lw=1.8, ls="-."), "sgd_step": dict(lw=1.2, color="black")}
         steps = np.arange(args.steps)
         for n in names:
-            ax.semilogy(steps, np.abs(losses[n]), label=BACKEND_LABELS[n], **styles[n])
+            ax.semilogy(steps, np.abs(losses[n]), label=label[n], **styles.get(n, {}))
         ax.set_xlabel("SGD step")
         ax.set_ylabel(f"L2 loss ({args.reduction}, log scale)")
         ax.set_title(f"N={args.N}, D_in={args.D_in}, H={args.H}, D_out={args.D_out}, "
                      f"{args.dtype}; max rel diff {max_rel:.0e}", fontsize=9)
         ax.legend(fontsize=8)
         ax.grid(True, which="major", alpha=0.3)
-        bars = bx.barh([BACKEND_LABELS[n] for n in names], [1e6 * median[n] for n in names],
-                       color=["0.75" if n != "fused" else "tab:blue" for n in names])
+        bars = bx.barh([label[n] for n in names], [1e6 * median[n] for n in names],
+                       color=["0.75" if n != "sgd_step" else "tab:blue" for n in names])
         for bar, n in zip(bars, names):
             if speedup[n] is not None:
                 bx.text(bar.get_width(), bar.get_y() + bar.get_height() / 2,
@@ -401,15 +388,25 @@ def _net(args, torch_dtype, device):
 
 
 def _stepper(args, model, world):
-    if world is None:
-        return lambda xb, yb: model.sgd_step(xb, yb, args.lr, args.reduction).item()
-    from .distributed import DataParallelSGD
-    return DataParallelSGD(model, world, lr=args.lr, reduction=args.reduction).step
+    """step(x, y) -> the loss before the step (a float): the fused loss (gradients made in its
+    forward) + backward + torch.optim.SGD, data-parallel under DDP."""
+    if world is not None:
+        from .distributed import DataParallelSGD
+        return DataParallelSGD(model, world, lr=args.lr, reduction=args.reduction).step
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
+
+    def step(x, y):
+        optimizer.zero_grad(set_to_none=True)
+        loss = model.loss(x, y, args.reduction)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+    return step
 
 
 def _how(world):
     return (f"DDP over {world.size} ranks ({'gloo' if world.device.type == 'cpu' else 'nccl'})"
-            if world else "fused sgd_step")
+            if world else "fused loss + SGD")
 
 
 def run_digits(args, world, say):
@@ -438,6 +435,7 @@ def run_digits(args, world, say):
                 t0 = time.perf_counter()
                 loss = step(data.x_train[idx], data.y_train[idx])
                 times.append(time.perf_counter() - t0)
+                _check_finite(loss, f"step {len(times) - 1} (epoch {epoch})", args)
                 total += per_sample(loss, len(idx))
                 progress.advance(f"epoch {epoch}")
             with torch.no_grad():
@@ -503,6 +501,7 @@ def run_random_ddp(args, world, say):
             t0 = time.perf_counter()
             losses.append(step(xt, yt))
             times.append(time.perf_counter() - t0)
+            _check_finite(losses[-1], f"step {t}", args)
             progress.advance("ddp")
             if t % args.log_every == 0 or t == args.steps - 1:
                 progress.close()
@@ -552,6 +551,10 @@ def run(args):
             weights = {k: v.detach().cpu() for k, v in weights.items()}
             _write_outputs(args, _clean(summary), plot, weights)
         finished = True
+    except Diverged:
+        if world is not None and not world.is_main:
+            return 1  # every rank sees the same global loss; rank 0 says it
+        raise
     finally:
         if world is not None:
             distributed.shutdown(sync=finished)
@@ -569,6 +572,9 @@ def main(argv=None):
         return 2
     try:
         return run(args)
+    except Diverged as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
