@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -49,3 +51,22 @@ def to_torch(params, device, dtype=torch.float64, requires_grad=False):
 def assert_close_np(actual, expected, rtol, atol=0.0, what=""):
     actual = actual.detach().double().cpu().numpy() if isinstance(actual, torch.Tensor) else actual
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol, err_msg=what)
+
+
+# ---- TWOLAYER_REQUIRE_CUDA=1 (tools/gpu_check.sh sets it): no CUDA is a failed session --------
+
+def cuda_unusable_reason():
+    """None when the CUDA cases can run here; else why not, in one line."""
+    if HAS_CUDA:
+        return None
+    if not torch.cuda.is_available():
+        return (f"torch.cuda.is_available() is False (torch {torch.__version__}, "
+                f"CUDA {torch.version.cuda or 'none: a CPU-only build'})")
+    return f"the extension has no CUDA kernels: {twolayer_ext.BUILD_INFO}"
+
+
+def pytest_sessionstart(session):
+    if os.environ.get("TWOLAYER_REQUIRE_CUDA") == "1":
+        reason = cuda_unusable_reason()
+        if reason:  # otherwise every CUDA case skips and the run reads as a pass
+            pytest.exit(f"TWOLAYER_REQUIRE_CUDA=1: no usable CUDA device: {reason}", returncode=3)

@@ -57,7 +57,7 @@ if [ -z "$SO" ]; then
 fi
 failed=0
 symbols="$(nm -C "$SO")"  # captured once: `nm | grep -q` fails under pipefail (SIGPIPE)
-for sym in twolayer::cuda::{two_layer_fwd,two_layer_bwd,l2_loss_fwd,l2_loss_bwd,sgd_step}\( \
+for sym in twolayer::cuda::{two_layer_fwd,two_layer_bwd,l2_loss_fwd,l2_loss_bwd,two_layer_l2_loss_fwd,sgd_step}\( \
            {relu_with_sign_mask,apply_relu_mask,squared_error_partials,finish_loss}_kernel; do
   if ! grep -q -F "$sym" <<<"$symbols"; then
     echo "cuda-check: FAILED: ${sym%(} not in $SO" >&2
@@ -76,7 +76,38 @@ arches="not listed: no cuobjdump in this toolkit"
 if [ -x "$CUDA_HOME/bin/cuobjdump" ]; then
   arches="$("$CUDA_HOME/bin/cuobjdump" --list-elf "$SO" | grep -o 'sm_[0-9a-z]*' | sort -u | tr '\n' ' ')"
 fi
-echo "cuda-check: OK: $(basename "$SO") loads, has the 5 CUDA ops and the 4 kernels, with device code ($arches)"
+echo "cuda-check: OK: $(basename "$SO") loads, has the 6 CUDA ops and the 4 kernels, with device code ($arches)"
 
-# (d) Timing.
+# (d) The GPU check's dry run: without a usable CUDA device, tools/gpu_check.sh must fail within
+#     seconds with one line "no usable CUDA device: ..." and a summary.json saying why, never
+#     pass by skipping every CUDA test. (Where a GPU is visible the real run is the check.)
+if "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+  echo "cuda-check: a GPU is visible: dry run skipped (run tools/gpu_check.sh OUTDIR for the real check)"
+else
+  DRY="$WORK/gpu-check-dry-run"
+  set +e
+  dry_out="$(PYTHON="$PY" bash "$ROOT/tools/gpu_check.sh" "$DRY" 2>&1)"
+  dry_rc=$?
+  set -e
+  echo "cuda-check: dry run: tools/gpu_check.sh exited $dry_rc: $dry_out"
+  "$PY" - "$dry_rc" "$dry_out" "$DRY/summary.json" <<'EOF'
+import json, sys
+rc, out, path = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+problems = []
+if rc == 0:
+    problems.append("it exited 0")
+if len(out.splitlines()) != 1 or not out.startswith("no usable CUDA device: "):
+    problems.append("its output is not one line starting 'no usable CUDA device: '")
+try:
+    s = json.load(open(path))
+    if s["ok"] is not False or not s["reason"].startswith("no usable CUDA device: "):
+        problems.append(f"summary.json does not say why: {s}")
+except (OSError, ValueError, KeyError) as e:
+    problems.append(f"no readable summary.json: {e}")
+sys.exit(f"cuda-check: FAILED: the gpu_check.sh dry run: {'; '.join(problems)}" if problems else 0)
+EOF
+  echo "cuda-check: OK: the dry run fails loudly and summary.json says why"
+fi
+
+# (e) Timing.
 echo "cuda-check: build ${BUILD_S}s, total $((SECONDS - START))s"

@@ -9,6 +9,8 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "elementwise.h"
@@ -39,19 +41,38 @@ __device__ __forceinline__ int64_t grid_stride() {
   return static_cast<int64_t>(gridDim.x) * blockDim.x;
 }
 
-// |v| with the sign bit cleared, NaN included (a `v < 0 ? -v : v` would keep a NaN's sign).
-template <typename A>
-__device__ __forceinline__ A abs_clear_sign(A v) {
-  if constexpr (std::is_same_v<A, double>) return ::fabs(v);
-  else return ::fabsf(v);
+// The sign bit of T's own storage, read and cleared as an integer: the PTX ISA leaves the sign
+// of `abs` (what fabs/fabsf compile to) unspecified for NaN, and a conversion to float may not
+// keep a half NaN's sign either; the backward's mask relies on this bit alone.
+template <typename T>
+using Bits = std::conditional_t<sizeof(T) == 8, uint64_t,
+                                std::conditional_t<sizeof(T) == 4, uint32_t, uint16_t>>;
+template <typename T>
+constexpr Bits<T> kSignBit = Bits<T>(1) << (8 * sizeof(T) - 1);
+
+template <typename T>
+__device__ __forceinline__ bool sign_bit(T v) {
+  static_assert(sizeof(T) == sizeof(Bits<T>));
+  Bits<T> b;
+  memcpy(&b, &v, sizeof b);
+  return (b & kSignBit<T>) != 0;
+}
+
+template <typename T>
+__device__ __forceinline__ T clear_sign_bit(T v) {
+  Bits<T> b;
+  memcpy(&b, &v, sizeof b);
+  b &= static_cast<Bits<T>>(~kSignBit<T>);
+  memcpy(&v, &b, sizeof b);
+  return v;
 }
 
 template <typename T>
 __global__ void relu_with_sign_mask_kernel(T* act, int64_t n) {
   using A = at::opmath_type<T>;
   for (int64_t i = first_index(); i < n; i += grid_stride()) {
-    const A v = static_cast<A>(act[i]);
-    act[i] = static_cast<T>(v < A(0) ? -A(0) : abs_clear_sign(v));
+    const T v = act[i];
+    act[i] = static_cast<A>(v) < A(0) ? static_cast<T>(-A(0)) : clear_sign_bit(v);
   }
 }
 
@@ -59,16 +80,20 @@ template <typename T>
 __global__ void apply_relu_mask_kernel(T* grad_h, const T* act, int64_t n) {
   using A = at::opmath_type<T>;
   for (int64_t i = first_index(); i < n; i += grid_stride()) {
-    if (::signbit(static_cast<A>(act[i]))) grad_h[i] = static_cast<T>(A(0));
+    if (sign_bit(act[i])) grad_h[i] = static_cast<T>(A(0));
   }
 }
 
-// Sum of `v` over the block, in a fixed tree order; every thread gets the result.
+// Sum of `v` over a block of kBlock threads, in a fixed tree order; every thread gets the
+// result. Launch with blockDim.x == kBlock (every launch here uses kThreads).
+template <int kBlock>
 __device__ double block_sum(double v) {
-  __shared__ double lanes[kThreads];
+  static_assert(kBlock > 0 && (kBlock & (kBlock - 1)) == 0,
+                "block_sum halves the block: kBlock must be a power of two");
+  __shared__ double lanes[kBlock];
   lanes[threadIdx.x] = v;
   __syncthreads();
-  for (int width = kThreads / 2; width > 0; width /= 2) {
+  for (int width = kBlock / 2; width > 0; width /= 2) {
     if (threadIdx.x < width) lanes[threadIdx.x] += lanes[threadIdx.x + width];
     __syncthreads();
   }
@@ -76,29 +101,29 @@ __device__ double block_sum(double v) {
 }
 
 // partial[block] = sum of d^2 over the block's elements, d = pred - target;
-// grad = scale2 * d when grad != nullptr.
+// grad = grad_scale * d when grad != nullptr.
 template <typename T>
-__global__ void squared_error_partials_kernel(const T* pred, const T* target, T* grad,
-                                              at::opmath_type<T> scale2, int64_t n,
-                                              double* partial) {
+__global__ void __launch_bounds__(kThreads)
+    squared_error_partials_kernel(const T* pred, const T* target, T* grad,
+                                  at::opmath_type<T> grad_scale, int64_t n, double* partial) {
   using A = at::opmath_type<T>;
   double sum = 0.0;
   for (int64_t i = first_index(); i < n; i += grid_stride()) {
     const A d = static_cast<A>(pred[i]) - static_cast<A>(target[i]);
-    if (grad != nullptr) grad[i] = static_cast<T>(scale2 * d);
+    if (grad != nullptr) grad[i] = static_cast<T>(grad_scale * d);
     sum += static_cast<double>(d) * static_cast<double>(d);
   }
-  const double total = block_sum(sum);
+  const double total = block_sum<kThreads>(sum);
   if (threadIdx.x == 0) partial[blockIdx.x] = total;
 }
 
 // loss = (sum of the partials) / divisor, by one block in a fixed order.
 template <typename T>
-__global__ void finish_loss_kernel(const double* partial, int64_t num_partials, double divisor,
-                                   T* loss) {
+__global__ void __launch_bounds__(kThreads)
+    finish_loss_kernel(const double* partial, int64_t num_partials, double divisor, T* loss) {
   double sum = 0.0;
   for (int64_t i = threadIdx.x; i < num_partials; i += blockDim.x) sum += partial[i];
-  const double total = block_sum(sum);
+  const double total = block_sum<kThreads>(sum);
   if (threadIdx.x == 0) *loss = static_cast<T>(total / divisor);
 }
 
@@ -129,28 +154,25 @@ void apply_relu_mask_(const at::Tensor& grad_h, const at::Tensor& act) {
   });
 }
 
-void squared_error(const at::Tensor& pred, const at::Tensor& target, bool mean,
-                   const at::Tensor& loss, const std::optional<at::Tensor>& grad) {
+void squared_error(const at::Tensor& pred, const at::Tensor& target, double loss_divisor,
+                   const at::Tensor& loss, const std::optional<at::Tensor>& grad,
+                   double grad_scale) {
   TORCH_INTERNAL_ASSERT(pred.is_cuda() && pred.is_contiguous() && target.is_contiguous());
   TORCH_INTERNAL_ASSERT(loss.numel() == 1 && (!grad || grad->is_contiguous()));
   const int64_t n = pred.numel();
   const unsigned int blocks = blocks_for(n);
   // Per-block sums in a scratch tensor (stream-ordered, so capturable in a CUDA graph).
   const auto partial = at::empty({static_cast<int64_t>(blocks)}, pred.options().dtype(at::kDouble));
-  // mean of nothing is 0 / 0 = NaN, as in numpy, nn.MSELoss and the CPU kernel.
-  const double divisor = mean ? static_cast<double>(n) : 1.0;
-  const double scale = mean ? 1.0 / static_cast<double>(n) : 1.0;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   TWOLAYER_DISPATCH_FLOATING(pred.scalar_type(), "l2_loss_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
-    const A scale2 = static_cast<A>(2.0 * scale);  // as the CPU kernel rounds it
     squared_error_partials_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
         pred.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(),
-        grad ? grad->mutable_data_ptr<scalar_t>() : nullptr, scale2, n,
+        grad ? grad->mutable_data_ptr<scalar_t>() : nullptr, static_cast<A>(grad_scale), n,
         partial.mutable_data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     finish_loss_kernel<scalar_t><<<1, kThreads, 0, stream>>>(
-        partial.const_data_ptr<double>(), blocks, divisor, loss.mutable_data_ptr<scalar_t>());
+        partial.const_data_ptr<double>(), blocks, loss_divisor, loss.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -18,11 +18,13 @@ void relu_with_sign_mask_(const at::Tensor& act);
 // In place: grad_h = 0 where signbit(act), i.e. where the ReLU blocked it.
 void apply_relu_mask_(const at::Tensor& grad_h, const at::Tensor& act);
 
-// loss (0-dim) = sum of (pred - target)^2, divided by numel if `mean`,
-// accumulated in float64 in a fixed order (same bits on every run); and, in the
-// same read, grad = 2 * scale * (pred - target) with scale = 1 or 1/numel, when
-// `grad` is given.
-void squared_error(const at::Tensor& pred, const at::Tensor& target, bool mean,
-                   const at::Tensor& loss, const std::optional<at::Tensor>& grad);
+// loss (0-dim) = (sum of (pred - target)^2) / loss_divisor, accumulated in
+// float64 in a fixed order (same bits on every run); and, in the same read,
+// grad = grad_scale * (pred - target) when `grad` is given. The two scales are
+// apart because a fused step keeps grad_scale = 2 for the mean too (see
+// two_layer_cuda.cu).
+void squared_error(const at::Tensor& pred, const at::Tensor& target, double loss_divisor,
+                   const at::Tensor& loss, const std::optional<at::Tensor>& grad,
+                   double grad_scale);
 
 }  // namespace twolayer::cuda

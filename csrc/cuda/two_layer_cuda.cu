@@ -5,6 +5,7 @@
 // (a mixed-device call is an error naming the argument), then runs on x's (or
 // the reference tensor's) device and that device's current stream, with no
 // host synchronisation, so it can be captured in a CUDA graph.
+#include <ATen/OpMathType.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
@@ -12,6 +13,7 @@
 #include <ATen/ops/sum.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <array>
 #include <cmath>
 
 #include "../checks.h"
@@ -31,6 +33,106 @@ c10::Device cuda_device_of(const char* op, const char* name, const at::Tensor& t
   return t.device();
 }
 
+// The forward on checked arguments: (y, act). A bias goes to addmm as the 1-D tensor it is:
+// ATen then adds it in cuBLASLt's epilogue where it can, instead of a copy of an expanded
+// [N, H] view plus a beta = 1 GEMM.
+std::tuple<at::Tensor, at::Tensor> forward(const Dims& d, const at::Tensor& x,
+                                           const at::Tensor& w1, const at::Tensor& w2,
+                                           const OptTensor& b1, const OptTensor& b2) {
+  auto act = at::empty({d.N, d.H}, x.options());
+  auto y = at::empty({d.N, d.D_out}, x.options());
+  if (b1) at::addmm_out(act, *b1, x, w1);
+  else at::mm_out(act, x, w1);
+  relu_with_sign_mask_(act);
+  if (b2) at::addmm_out(y, *b2, act, w2);
+  else at::mm_out(y, act, w2);
+  return {y, act};
+}
+
+// grad_h = (grad_y @ w2^T) with the ReLU's mask applied (act from forward: contiguous).
+at::Tensor hidden_grad(const at::Tensor& grad_y, const at::Tensor& w2, const at::Tensor& act) {
+  auto grad_h = at::mm(grad_y, w2.t());  // a fresh, contiguous result
+  apply_relu_mask_(grad_h, act);
+  return grad_h;
+}
+
+// scale * (a @ b) into a fresh tensor: the scale rides in the GEMM's alpha (beta = 0 never
+// reads the uninitialised output).
+at::Tensor scaled_mm(const at::Tensor& a, const at::Tensor& b, double scale) {
+  if (scale == 1.0) return at::mm(a, b);
+  auto out = at::empty({a.size(0), b.size(1)}, a.options());
+  return at::addmm_out(out, out, a, b, /*beta=*/0.0, /*alpha=*/scale);
+}
+
+// Where the gradients of a fused step go, in the order (w1, w2, b1, b2): stored into fresh
+// tensors (the fused loss) or applied as w -= lr * grad in place (sgd_step, lr set).
+struct FusedStep {
+  bool mean = false;
+  bool grad_x = false, grad_target = false;
+  std::array<bool, 4> weights{};  // which weights' gradients are wanted (absent biases: false)
+  std::optional<double> lr;       // set: update in place; unset: store
+};
+
+struct FusedResult {
+  at::Tensor loss;
+  OptTensor grad_x, grad_target;
+  std::array<OptTensor, 4> grads;  // (w1, w2, b1, b2), stored mode only
+};
+
+// Forward, L2 loss and the gradients `s` asks for, all at the weights as they were on entry:
+// every read of a weight comes before its update. The loss's gradient stays 2 * (y - target)
+// (the "sum" one) and the mean's 1/n is folded into the GEMMs' alpha and the bias sums' scale:
+// for reduced-precision dtypes (2/n) * d would be subnormal at large n (n ~ 1e6 for float16),
+// leaving mostly rounding noise for the GEMMs to multiply.
+FusedResult fused_step(const Dims& d, const at::Tensor& x, const at::Tensor& target,
+                       const at::Tensor& w1, const at::Tensor& w2, const OptTensor& b1,
+                       const OptTensor& b2, const FusedStep& s) {
+  auto [y, act] = forward(d, x, w1, w2, b1, b2);
+  const bool any_weight = s.weights[0] || s.weights[1] || s.weights[2] || s.weights[3];
+  const bool need_grad_y = s.grad_x || s.grad_target || any_weight;
+  FusedResult r;
+  r.loss = at::empty({}, x.options());
+  OptTensor grad_y;
+  if (need_grad_y) grad_y = at::empty({d.N, d.D_out}, x.options());
+  const auto t = target.expect_contiguous();
+  const double n = static_cast<double>(d.N) * static_cast<double>(d.D_out);
+  // The mean of nothing is 0 / 0 = NaN, as on the CPU.
+  squared_error(y, *t, /*loss_divisor=*/s.mean ? n : 1.0, r.loss, grad_y, /*grad_scale=*/2.0);
+  if (!need_grad_y) return r;
+  // n = 0: every gradient is an empty sum, 0 as on the CPU; scale 1 keeps alpha finite there.
+  const double scale = s.mean && n > 0 ? 1.0 / n : 1.0;
+  const auto& gy = *grad_y;
+  const auto [want_w1, want_w2, want_b1, want_b2] = s.weights;
+
+  // The hidden gradient first: it reads w2 before w2's update.
+  at::Tensor grad_h;
+  if (s.grad_x || want_w1 || want_b1) grad_h = hidden_grad(gy, w2, act);
+  if (s.grad_target) r.grad_target = at::mul(gy, -scale);
+  if (s.grad_x) r.grad_x = scaled_mm(grad_h, w1.t(), scale);  // reads w1 before its update
+
+  // Each weight: grad = scale * (a @ b) (or scale * column sums of g for a bias).
+  auto matrix = [&](int i, const at::Tensor& w, const at::Tensor& a, const at::Tensor& b) {
+    if (!s.weights[i]) return;
+    if (s.lr) const_cast<at::Tensor&>(w).addmm_(a, b, /*beta=*/1.0, /*alpha=*/-*s.lr * scale);
+    else r.grads[i] = scaled_mm(a, b, scale);
+  };
+  auto bias = [&](int i, const OptTensor& b, const at::Tensor& g) {
+    if (!s.weights[i] || !b) return;
+    // Summed into float32 for float16/bfloat16: the unscaled sum of 2 * d over N rows may
+    // pass float16's 65504 even where the scaled gradient is small.
+    const auto sum = at::sum(g, 0, /*keepdim=*/false, at::toOpMathType(g.scalar_type()));
+    if (s.lr) const_cast<at::Tensor&>(*b).add_(sum, -*s.lr * scale);
+    else r.grads[i] = at::mul(sum, scale).to(g.scalar_type());
+  };
+  matrix(1, w2, act.t(), gy);
+  bias(3, b2, gy);
+  if (grad_h.defined()) {
+    matrix(0, w1, x.t(), grad_h);
+    bias(2, b1, grad_h);
+  }
+  return r;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> two_layer_fwd(const at::Tensor& x, const at::Tensor& w1,
@@ -38,33 +140,24 @@ std::tuple<at::Tensor, at::Tensor> two_layer_fwd(const at::Tensor& x, const at::
                                                  const OptTensor& b2) {
   const Dims d = check_two_layer_args("two_layer", x, w1, w2, b1, b2);
   const c10::cuda::CUDAGuard guard(cuda_device_of("two_layer", "x", x));
-  auto act = at::empty({d.N, d.H}, x.options());
-  auto y = at::empty({d.N, d.D_out}, x.options());
-  // Bias enters as the GEMM's C input (beta = 1), not as a pass of its own.
-  if (b1) at::addmm_out(act, b1->expand({d.N, d.H}), x, w1);
-  else at::mm_out(act, x, w1);
-  relu_with_sign_mask_(act);
-  if (b2) at::addmm_out(y, b2->expand({d.N, d.D_out}), act, w2);
-  else at::mm_out(y, act, w2);
-  return {y, act};
+  return forward(d, x, w1, w2, b1, b2);
 }
 
 Grads5 two_layer_bwd(const at::Tensor& grad_y, const OptTensor& x, const OptTensor& w1,
                      const at::Tensor& w2, const at::Tensor& act, std::array<bool, 5> output_mask) {
-  const auto [need_x, need_w1, need_b1, need_w2, need_b2] = output_mask;
+  const auto [need_x, need_w1, need_w2, need_b1, need_b2] = output_mask;
   check_two_layer_bwd_args(grad_y, x, w1, w2, act, need_x, need_w1);
   const c10::cuda::CUDAGuard guard(cuda_device_of(kBackward, "act", act));
-  OptTensor grad_x, grad_w1, grad_b1, grad_w2, grad_b2;
+  OptTensor grad_x, grad_w1, grad_w2, grad_b1, grad_b2;
   if (need_w2) grad_w2 = at::mm(act.t(), grad_y);
   if (need_b2) grad_b2 = at::sum(grad_y, 0);
   if (need_x || need_w1 || need_b1) {
-    auto grad_h = at::mm(grad_y, w2.t()).contiguous();  // mm's result is contiguous: a no-op
-    apply_relu_mask_(grad_h, act.contiguous());
+    const auto grad_h = hidden_grad(grad_y, w2, act.contiguous());  // forward's act: no copy
     if (need_w1) grad_w1 = at::mm(x->t(), grad_h);
     if (need_b1) grad_b1 = at::sum(grad_h, 0);
     if (need_x) grad_x = at::mm(grad_h, w1->t());
   }
-  return {grad_x, grad_w1, grad_b1, grad_w2, grad_b2};
+  return {grad_x, grad_w1, grad_w2, grad_b1, grad_b2};
 }
 
 std::tuple<at::Tensor, OptTensor> l2_loss_fwd(const at::Tensor& pred, const at::Tensor& target,
@@ -77,7 +170,10 @@ std::tuple<at::Tensor, OptTensor> l2_loss_fwd(const at::Tensor& pred, const at::
   auto loss = at::empty({}, pred.options());
   OptTensor grad;
   if (need_grad) grad = at::empty(pred.sizes(), pred.options());
-  squared_error(*p, *t, r == Reduction::Mean, loss, grad);
+  // This op returns the gradient itself, so it is (2/n) * d for the mean, as on the CPU.
+  const double n = static_cast<double>(pred.numel());
+  const bool mean = r == Reduction::Mean;
+  squared_error(*p, *t, mean ? n : 1.0, loss, grad, mean ? 2.0 / n : 2.0);
   return {loss, grad};
 }
 
@@ -87,24 +183,35 @@ at::Tensor l2_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& grad) {
   return at::mul(grad, grad_loss.reshape({}));
 }
 
+FusedLossGrads two_layer_l2_loss_fwd(const at::Tensor& x, const at::Tensor& target,
+                                     const at::Tensor& w1, const at::Tensor& w2,
+                                     const OptTensor& b1, const OptTensor& b2,
+                                     c10::string_view reduction, std::array<bool, 6> output_mask) {
+  constexpr const char* op = "two_layer_l2_loss";
+  const Dims d = check_two_layer_l2_loss_args(x, target, w1, w2, b1, b2);
+  FusedStep s;
+  s.mean = parse_reduction(op, reduction) == Reduction::Mean;
+  const c10::cuda::CUDAGuard guard(cuda_device_of(op, "x", x));
+  const auto [need_x, need_target, need_w1, need_w2, need_b1, need_b2] = output_mask;
+  s.grad_x = need_x;
+  s.grad_target = need_target;
+  s.weights = {need_w1, need_w2, need_b1 && b1.has_value(), need_b2 && b2.has_value()};
+  auto r = fused_step(d, x, target, w1, w2, b1, b2, s);
+  return {r.loss, r.grad_x, r.grad_target, r.grads[0], r.grads[1], r.grads[2], r.grads[3]};
+}
+
 at::Tensor sgd_step(const at::Tensor& x, const at::Tensor& target, const at::Tensor& w1,
                     const at::Tensor& w2, const OptTensor& b1, const OptTensor& b2, double lr,
-                    c10::string_view reduction) {
-  check_sgd_step_args(x, target, w1, w2, b1, b2, lr);
+                    c10::string_view reduction, std::array<bool, 4> update) {
   constexpr const char* op = "sgd_step";
+  const Dims d = check_sgd_step_args(x, target, w1, w2, b1, b2, lr);
+  FusedStep s;
+  s.mean = parse_reduction(op, reduction) == Reduction::Mean;
   const c10::cuda::CUDAGuard guard(cuda_device_of(op, "x", x));
-
-  auto [y, act] = two_layer_fwd(x, w1, w2, b1, b2);
-  auto [loss, grad_y] = l2_loss_fwd(y, target, reduction, /*need_grad=*/true);
-  // Every gradient is taken at the old weights: grad_h reads w2 before w2 is updated.
-  auto grad_h = at::mm(*grad_y, w2.t()).contiguous();  // mm's result is contiguous: a no-op
-  apply_relu_mask_(grad_h, act);
-  // w -= lr * grad with the update in the GEMM's epilogue (beta = 1, alpha = -lr).
-  const_cast<at::Tensor&>(w2).addmm_(act.t(), *grad_y, 1.0, -lr);
-  const_cast<at::Tensor&>(w1).addmm_(x.t(), grad_h, 1.0, -lr);
-  if (b2) const_cast<at::Tensor&>(*b2).add_(at::sum(*grad_y, 0), -lr);
-  if (b1) const_cast<at::Tensor&>(*b1).add_(at::sum(grad_h, 0), -lr);
-  return loss;
+  // A frozen weight (update false) gets neither its gradient GEMM nor an update.
+  s.weights = {update[0], update[1], update[2] && b1.has_value(), update[3] && b2.has_value()};
+  s.lr = lr;
+  return fused_step(d, x, target, w1, w2, b1, b2, s).loss;
 }
 
 }  // namespace twolayer::cuda
