@@ -52,3 +52,22 @@ def test_bad_sizes(args):
 def test_from_sequential_rejects_other_models(seq):
     with pytest.raises(TypeError, match=r"nn.Sequential\(nn.Linear, nn.ReLU, nn.Linear\)"):
         tl.TwoLayerNet.from_sequential(seq)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_load_state_dict_takes_a_sequential_checkpoint(bias):
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Linear(6, 5, bias=bias), nn.ReLU(), nn.Linear(5, 2, bias=bias))
+    net = tl.TwoLayerNet(6, 5, 2, bias=bias)
+    result = net.load_state_dict(seq.state_dict())
+    assert not result.missing_keys and not result.unexpected_keys
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(net(x), seq(x))
+    # and back: to_sequential's state dict loads into nn.Sequential as it is
+    seq2 = nn.Sequential(nn.Linear(6, 5, bias=bias), nn.ReLU(), nn.Linear(5, 2, bias=bias))
+    seq2.load_state_dict(net.to_sequential().state_dict())
+    torch.testing.assert_close(seq2(x), seq(x))
+    # our own state dict still loads, and a wrong width names the parameter
+    tl.TwoLayerNet(6, 5, 2, bias=bias).load_state_dict(net.state_dict())
+    with pytest.raises(RuntimeError, match="size mismatch for w2"):
+        tl.TwoLayerNet(6, 5, 3, bias=bias).load_state_dict(seq.state_dict())

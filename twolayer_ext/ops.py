@@ -1,8 +1,12 @@
 """Python face of the custom ops: the public functions, their fake (meta) kernels
 for torch.compile, and their autograd formulas. The kernels are in csrc/."""
+from __future__ import annotations
+
 import contextlib
+from typing import Iterator, Sequence
 
 import torch
+from torch import Tensor
 
 from . import _loader  # noqa: F401  (loads _C, which registers the ops)
 
@@ -50,7 +54,8 @@ def _target_rows(fn, x, lead, target):
     return target.reshape(-1, target.shape[-1])
 
 
-def two_layer(x, w1, w2, b1=None, b2=None):
+def two_layer(x: Tensor, w1: Tensor, w2: Tensor, b1: Tensor | None = None,
+              b2: Tensor | None = None) -> Tensor:
     """y = relu(x @ w1 + b1) @ w2 + b2, fused; differentiable in every tensor argument.
 
     x [*, D_in] (any leading dimensions, as nn.Linear), w1 [D_in, H], w2 [H, D_out], b1 [H] or
@@ -65,7 +70,7 @@ def two_layer(x, w1, w2, b1=None, b2=None):
     return _unrows(_ops.two_layer.default(x2, w1, w2, b1, b2), lead)
 
 
-def l2_loss(pred, target, reduction="sum"):
+def l2_loss(pred: Tensor, target: Tensor, reduction: str = "sum") -> Tensor:
     """Sum (the tutorial's loss, default) or mean of (pred - target)**2, as a 0-dim tensor.
 
     Equals (pred - target).pow(2).sum() and nn.MSELoss(reduction=...); the gradient is
@@ -77,7 +82,8 @@ def l2_loss(pred, target, reduction="sum"):
     return _ops.l2_loss.default(pred, target, reduction)
 
 
-def two_layer_l2_loss(x, target, w1, w2, b1=None, b2=None, *, reduction="sum"):
+def two_layer_l2_loss(x: Tensor, target: Tensor, w1: Tensor, w2: Tensor, b1: Tensor | None = None,
+                      b2: Tensor | None = None, *, reduction: str = "sum") -> Tensor:
     """l2_loss(two_layer(x, w1, w2, b1, b2), target, reduction) in one op call.
 
     When autograd will need them, the same call computes the gradients of every input that
@@ -103,12 +109,12 @@ CPU_VARIANTS = tuple(_ops.cpu_kernels())
 CPU_KERNELS = ("auto", "tuned") + CPU_VARIANTS  # every name set_cpu_kernel takes
 
 
-def cpu_kernel_missing(name):
+def cpu_kernel_missing(name: str) -> str:
     """Why this CPU cannot run the variant `name` ("" when it can), e.g. "needs a CPU with avx512"."""
     return _ops.cpu_kernel_missing(name)
 
 
-def set_cpu_kernel(name):
+def set_cpu_kernel(name: str) -> str:
     """Selects the CPU kernels every op uses from now on; returns the previous choice.
 
     "auto" (the default) picks per problem shape between our tuned kernels and "blas" (the
@@ -122,14 +128,14 @@ def set_cpu_kernel(name):
     return _ops.set_cpu_kernel(name)
 
 
-def cpu_kernel_info(shape=None):
+def cpu_kernel_info(shape: Sequence[int] | None = None) -> str:
     """The CPU kernel choice and the thread count; given shape = (N, D_in, H, D_out), also
     the variant it runs for that problem, e.g. "auto: blas, threads: 2"."""
     return _ops.cpu_kernel_info(None if shape is None else [int(v) for v in shape])
 
 
 @contextlib.contextmanager
-def use_cpu_kernel(name):
+def use_cpu_kernel(name: str) -> Iterator[None]:
     """with use_cpu_kernel("reference"): ...  (restores the previous choice on exit)"""
     previous = set_cpu_kernel(name)
     try:
@@ -280,7 +286,8 @@ def _two_layer_l2_loss_fwd_fake(x, target, w1, w2, b1, b2, reduction, output_mas
 
 # ---- one-call SGD step ----------------------------------------------------------------------
 
-def sgd_step(x, target, w1, w2, b1=None, b2=None, *, lr, reduction="sum"):
+def sgd_step(x: Tensor, target: Tensor, w1: Tensor, w2: Tensor, b1: Tensor | None = None,
+             b2: Tensor | None = None, *, lr: float, reduction: str = "sum") -> Tensor:
     """One SGD step in one op call: forward, l2 loss, backward, and w -= lr * grad in place
     for w1, w2 and the biases given. Returns the loss before the update (0-dim, no grad).
 
@@ -331,3 +338,6 @@ def _sgd_step_fake(x, target, w1, w2, b1, b2, lr, reduction, update):
         f"sgd_step: lr must be a finite number >= 0, got {lr}"))
     _require_reduction("sgd_step", reduction)
     return x.new_empty(())
+
+
+from . import _vmap  # noqa: E402,F401  (batching rules for torch.vmap, registered on import)
