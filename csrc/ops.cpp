@@ -47,14 +47,15 @@ TORCH_LIBRARY(twolayer_ext, m) {
   m.def("set_cpu_kernel(str name) -> str", [](c10::string_view name) {
     return twolayer::cpu::set_kernel_variant(name);
   });
-  m.def("cpu_kernel_info(int[]? dims=None) -> str", [](at::OptionalIntArrayRef dims) {
+  m.def("cpu_kernel_info(int[]? dims=None, ScalarType dtype=float) -> str",
+        [](at::OptionalIntArrayRef dims, c10::ScalarType dtype) {
     std::optional<twolayer::Dims> d;
     if (dims) {
       TORCH_CHECK_VALUE(dims->size() == 4, "cpu_kernel_info: shape must be (N, D_in, H, D_out), got ",
                         dims->size(), " numbers");
       d = twolayer::Dims{(*dims)[0], (*dims)[1], (*dims)[2], (*dims)[3]};
     }
-    return twolayer::cpu::kernel_info(d);
+    return twolayer::cpu::kernel_info(d, dtype);
   });
   m.def("cpu_kernels() -> str[]", [] { return twolayer::cpu::kernel_names(); });
   m.def("cpu_kernel_missing(str name) -> str", [](c10::string_view name) {

@@ -128,10 +128,10 @@ def set_cpu_kernel(name: str) -> str:
     return _ops.set_cpu_kernel(name)
 
 
-def cpu_kernel_info(shape: Sequence[int] | None = None) -> str:
+def cpu_kernel_info(shape: Sequence[int] | None = None, dtype: torch.dtype = torch.float32) -> str:
     """The CPU kernel choice and the thread count; given shape = (N, D_in, H, D_out), also
-    the variant it runs for that problem, e.g. "auto: blas, threads: 2"."""
-    return _ops.cpu_kernel_info(None if shape is None else [int(v) for v in shape])
+    the variant it runs for that problem in that dtype, e.g. "auto: blas, threads: 2"."""
+    return _ops.cpu_kernel_info(None if shape is None else [int(v) for v in shape], dtype)
 
 
 @contextlib.contextmanager

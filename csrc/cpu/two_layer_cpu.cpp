@@ -101,7 +101,7 @@ std::tuple<at::Tensor, at::Tensor> two_layer_fwd(const at::Tensor& x, const at::
     using T = scalar_t;
     const ForwardArgs<T> a{d, view<T>(x), view<T>(w1), view<T>(w2), bias<const T>(b1),
                            bias<const T>(b2), act.data_ptr<T>(), y.data_ptr<T>()};
-    variant_for(d).kernels<T>().forward(a);
+    variant_for(d, c10::CppTypeToScalarType<T>::value).kernels<T>().forward(a);
   });
   return {y, act};
 }
@@ -125,7 +125,7 @@ Grads5 two_layer_bwd(const at::Tensor& grad_y, const OptTensor& x, const OptTens
                             grad_x ? view<T>(*w1) : none, view<T>(w2), act->data_ptr<T>(),
                             ptr_or_null<T>(grad_x), ptr_or_null<T>(grad_w1), ptr_or_null<T>(grad_w2),
                             ptr_or_null<T>(grad_b1), ptr_or_null<T>(grad_b2)};
-    variant_for(d).kernels<T>().backward(a);
+    variant_for(d, c10::CppTypeToScalarType<T>::value).kernels<T>().backward(a);
   });
   return {grad_x, grad_w1, grad_w2, grad_b1, grad_b2};
 }
@@ -179,7 +179,7 @@ FusedLossGrads two_layer_l2_loss_fwd(const at::Tensor& x, const at::Tensor& targ
                         ptr_or_null<T>(grad_x), ptr_or_null<T>(grad_target),
                         store_into<T>(grad_w1), store_into<T>(grad_w2), store_into<T>(grad_b1),
                         store_into<T>(grad_b2)};
-    loss.fill_(variant_for(d).kernels<T>().step(s));
+    loss.fill_(variant_for(d, c10::CppTypeToScalarType<T>::value).kernels<T>().step(s));
   });
   return {loss, grad_x, grad_target, grad_w1, grad_w2, grad_b1, grad_b2};
 }
@@ -199,7 +199,7 @@ at::Tensor sgd_step(const at::Tensor& x, const at::Tensor& target, const at::Ten
                         update_in_place<T>(w2, update_w2, T(lr)),
                         update_in_place<T>(b1, update_b1, T(lr)),
                         update_in_place<T>(b2, update_b2, T(lr))};
-    loss.fill_(variant_for(d).kernels<T>().step(s));
+    loss.fill_(variant_for(d, c10::CppTypeToScalarType<T>::value).kernels<T>().step(s));
   });
   return loss;
 }

@@ -102,9 +102,10 @@ int tuned_row() {
   return row;
 }
 
-int row_for(int choice, const Dims& d) {
+int row_for(int choice, const Dims& d, c10::ScalarType dtype) {
   if (choice >= 0) return choice;
-  if (choice == kAuto && tuning::auto_prefers_blas(d.N, d.D_in, d.H, d.D_out))
+  if (choice == kAuto && tuning::auto_prefers_blas(d.N, d.D_in, d.H, d.D_out,
+                                                   dtype == c10::ScalarType::Float))
     return row_of("blas");
   return tuned_row();
 }
@@ -115,7 +116,9 @@ std::string choice_name(int choice) {
 
 }  // namespace
 
-const Variant& variant_for(const Dims& d) { return kTable[row_for(current_choice().load(), d)]; }
+const Variant& variant_for(const Dims& d, c10::ScalarType dtype) {
+  return kTable[row_for(current_choice().load(), d, dtype)];
+}
 
 std::string set_kernel_variant(c10::string_view name) {
   const int c = choice_from_name(name, "set_cpu_kernel: name");
@@ -123,11 +126,11 @@ std::string set_kernel_variant(c10::string_view name) {
   return choice_name(current_choice().exchange(c));
 }
 
-std::string kernel_info(const std::optional<Dims>& d) {
+std::string kernel_info(const std::optional<Dims>& d, c10::ScalarType dtype) {
   const int c = current_choice().load();
   std::string s = choice_name(c);
   if (d) {
-    s += std::string(": ") + kTable[row_for(c, *d)].name;
+    s += std::string(": ") + kTable[row_for(c, *d, dtype)].name;
   } else if (c == kAuto) {
     s += std::string(" (") + kTable[tuned_row()].name + " or blas, by shape)";
   } else if (c == kTuned) {

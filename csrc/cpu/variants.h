@@ -6,6 +6,7 @@
 // TWOLAYER_CPU_KERNEL sets the starting choice; set_kernel_variant changes it.
 #pragma once
 
+#include <c10/core/ScalarType.h>
 #include <c10/util/string_view.h>
 
 #include <optional>
@@ -36,13 +37,13 @@ struct Variant {
   }
 };
 
-// The variant serving a problem of these dims under the current choice.
-const Variant& variant_for(const Dims& d);
+// The variant serving a problem of these dims and element type under the current choice.
+const Variant& variant_for(const Dims& d, c10::ScalarType dtype);
 
 // Sets the choice ("auto", "tuned" or a table name); returns the previous one.
 std::string set_kernel_variant(c10::string_view name);
-// The choice, what it runs (for these dims, if given) and the thread count.
-std::string kernel_info(const std::optional<Dims>& d);
+// The choice, what it runs (for these dims and dtype, if given) and the thread count.
+std::string kernel_info(const std::optional<Dims>& d, c10::ScalarType dtype);
 // Every table name, in table order.
 std::vector<std::string> kernel_names();
 // Why this CPU cannot run the variant ("" when it can).
