@@ -73,7 +73,8 @@ def test_twolayer_isa_forces_the_tuned_build(isa):
     code = textwrap.dedent(f"""
         import numpy as np, torch, twolayer_ext as tl
         from twolayer_ext import reference as R
-        assert tl.cpu_kernel_info((45, 70, 33, 19)).startswith("auto: tuned-{isa}"), tl.cpu_kernel_info()
+        info = tl.cpu_kernel_info((45, 70, 33, 19), torch.float64)
+        assert info.startswith("auto: tuned-{isa}"), info
         x, y, p = R.tutorial_data(45, 70, 33, 19, seed=1, bias=True)
         P = {{k: torch.tensor(v) for k, v in p.items()}}
         loss = tl.sgd_step(torch.tensor(x), torch.tensor(y), P["w1"], P["w2"], P["b1"], P["b2"], lr=1e-4)

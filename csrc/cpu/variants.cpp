@@ -104,10 +104,11 @@ int tuned_row() {
 
 int row_for(int choice, const Dims& d, c10::ScalarType dtype) {
   if (choice >= 0) return choice;
+  const int tuned = tuned_row();  // first, so that a bad TWOLAYER_ISA fails on any shape
   if (choice == kAuto && tuning::auto_prefers_blas(d.N, d.D_in, d.H, d.D_out,
                                                    dtype == c10::ScalarType::Float))
     return row_of("blas");
-  return tuned_row();
+  return tuned;
 }
 
 std::string choice_name(int choice) {
