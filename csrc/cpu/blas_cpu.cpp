@@ -2,7 +2,6 @@
 // links), our fused elementwise work in vectorizable passes between them. Where the
 // platform BLAS beats our GEMM (large, square-ish layers) this is the faster route;
 // "auto" picks it per shape (variants.cpp, tuning.h).
-#include <ATen/Parallel.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
@@ -12,6 +11,7 @@
 #include <vector>
 
 #include "cpu_impl.h"
+#include "pool.h"
 #include "tuning.h"
 
 namespace twolayer::cpu::blas {
@@ -41,7 +41,7 @@ at::Tensor row_major_tensor(const T* p, int64_t rows, int64_t cols) {
 template <typename F>
 void for_row_chunks(int64_t rows, int64_t cols, F f) {
   const int64_t chunk = std::max<int64_t>(1, tuning::kElementwiseGrain / std::max<int64_t>(cols, 1));
-  at::parallel_for(0, rows, chunk, f);
+  parallel_for(0, rows, chunk, f);
 }
 
 // act = relu(act + b1) with the mask in the sign bit, in place.
@@ -61,7 +61,7 @@ void bias_relu(T* act, int64_t rows, int64_t cols, Bias<const T> b) {
 // grad_h zeroed where the forward's ReLU blocked (numpy: grad_h[h < 0] = 0), in place.
 template <typename T>
 void relu_mask(T* grad_h, const T* act, int64_t n) {
-  at::parallel_for(0, n, tuning::kElementwiseGrain, [&](int64_t i0, int64_t i1) {
+  parallel_for(0, n, tuning::kElementwiseGrain, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i)
       grad_h[i] = std::copysign(T(1), act[i]) > T(0) ? grad_h[i] : T(0);
   });
@@ -74,7 +74,7 @@ double loss_and_grad(T* y, View<T> target, int64_t rows, int64_t cols, T scale2)
   constexpr int64_t kRows = 256;
   const int64_t chunks = (rows + kRows - 1) / kRows;
   std::vector<double> partial(std::max<int64_t>(chunks, 1), 0.0);
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+  parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       double acc = 0.0;
       for (int64_t i = c * kRows; i < std::min(rows, (c + 1) * kRows); ++i) {

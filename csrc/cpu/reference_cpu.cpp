@@ -1,11 +1,11 @@
 // The reference CPU kernels: plain loops, written to be read and trusted, not
 // to be fast. Rows are split across threads; everything else is the textbook
 // formula, in the tutorial's order.
-#include <ATen/Parallel.h>
 
 #include <vector>
 
 #include "cpu_impl.h"
+#include "pool.h"
 
 namespace twolayer::cpu::reference {
 
@@ -14,7 +14,7 @@ namespace {
 // C[M, N] = A[M, K] @ B[K, N] into row-major C.
 template <typename T>
 void matmul(int64_t M, int64_t N, int64_t K, View<T> A, View<T> B, T* C) {
-  at::parallel_for(0, M, 16, [&](int64_t i0, int64_t i1) {
+  parallel_for(0, M, 16, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       T* c = C + i * N;
       for (int64_t j = 0; j < N; ++j) c[j] = T(0);

@@ -2,7 +2,6 @@
 // raw strided views to the kernel variant the registry picks for the shape
 // (variants.h). The L2 loss, one pass for every variant, lives here too.
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mul.h>
 
@@ -12,6 +11,7 @@
 
 #include "../kernels.h"
 #include "cpu_impl.h"
+#include "pool.h"
 #include "tuning.h"
 #include "variants.h"
 
@@ -65,7 +65,7 @@ double squared_error_sum(const T* p, const T* t, T* g, T scale2, int64_t n) {
   thread_local std::vector<double> buffer;
   buffer.assign(chunks, 0.0);
   double* partial = buffer.data();
-  at::parallel_for(0, chunks, tuning::kElementwiseGrain / kChunk, [&](int64_t c0, int64_t c1) {
+  parallel_for(0, chunks, tuning::kElementwiseGrain / kChunk, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t begin = c * kChunk, end = std::min(n, begin + kChunk);
       double lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // independent chains, vectorizable

@@ -12,4 +12,5 @@
 #include <vector>
 
 #include "../cpu_impl.h"
+#include "../pool.h"
 #include "../tuning.h"
