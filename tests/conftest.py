@@ -1,3 +1,4 @@
+import collections
 import os
 
 import numpy as np
@@ -70,3 +71,14 @@ def pytest_sessionstart(session):
         reason = cuda_unusable_reason()
         if reason:  # otherwise every CUDA case skips and the run reads as a pass
             pytest.exit(f"TWOLAYER_REQUIRE_CUDA=1: no usable CUDA device: {reason}", returncode=3)
+
+
+# ---- the summary: skips as one line per reason (the [cuda] cases are hundreds) ----------------
+
+def pytest_terminal_summary(terminalreporter):
+    reasons = collections.Counter()
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reasons[reason.removeprefix("Skipped: ")] += 1
+    for reason, count in reasons.most_common():
+        terminalreporter.write_line(f"SKIPPED {count} cases: {reason}")
