@@ -204,12 +204,6 @@ double step(const StepArgs<T>& s) {
   return s.mean ? total / n : total;
 }
 
-#define TWOLAYER_INSTANTIATE(T)                      \
-  template void forward<T>(const ForwardArgs<T>&);   \
-  template void backward<T>(const BackwardArgs<T>&); \
-  template double step<T>(const StepArgs<T>&);
-TWOLAYER_INSTANTIATE(float)
-TWOLAYER_INSTANTIATE(double)
-#undef TWOLAYER_INSTANTIATE
+TWOLAYER_INSTANTIATE_VARIANT
 
 }  // namespace twolayer::cpu::blas

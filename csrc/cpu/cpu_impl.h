@@ -101,6 +101,15 @@ struct StepArgs {
   template <typename T> double step(const StepArgs<T>& a);     \
   }
 
+// Inside a variant's namespace, after its templates: their float and double builds.
+#define TWOLAYER_INSTANTIATE_VARIANT                                                       \
+  template void forward<float>(const ForwardArgs<float>&);                                 \
+  template void forward<double>(const ForwardArgs<double>&);                               \
+  template void backward<float>(const BackwardArgs<float>&);                               \
+  template void backward<double>(const BackwardArgs<double>&);                             \
+  template double step<float>(const StepArgs<float>&);                                     \
+  template double step<double>(const StepArgs<double>&);
+
 // The sum of squares of (p - t) over n contiguous elements, in double, the same
 // bits for any thread count; if g != nullptr also g = scale2 * (p - t).
 template <typename T>

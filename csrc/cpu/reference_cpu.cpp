@@ -100,14 +100,6 @@ double step(const StepArgs<T>& s) {
   return s.mean ? total / n : total;
 }
 
-#define TWOLAYER_INSTANTIATE(T)                              \
-  template void forward<T>(const ForwardArgs<T>&);           \
-  template void backward<T>(const BackwardArgs<T>&);         \
-  template double step<T>(const StepArgs<T>&);
-TWOLAYER_INSTANTIATE(float)
-TWOLAYER_INSTANTIATE(double)
-#undef TWOLAYER_INSTANTIATE
-
-const char* isa() { return "plain loops"; }
+TWOLAYER_INSTANTIATE_VARIANT
 
 }  // namespace twolayer::cpu::reference
