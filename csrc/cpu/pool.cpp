@@ -94,10 +94,8 @@ class Pool {
 
  private:
   void grow(int workers) {
-    while (int(threads_) < workers) {
-      new std::thread([this] { worker(); });  // leaked on purpose: detached below
-      ++threads_;
-    }
+    // Never joined nor destroyed: the workers live as long as the process.
+    while (int(threads_.size()) < workers) threads_.push_back(new std::thread([this] { worker(); }));
   }
 
   void worker() {
@@ -127,7 +125,7 @@ class Pool {
     new (&post_mutex_) std::mutex;
     new (&mutex_) std::mutex;
     new (&wake_) std::condition_variable;
-    threads_ = 0;
+    new (&threads_) std::vector<std::thread*>;  // the parent's workers do not exist here
     current_.store(nullptr);
     active_.store(0);
     sleeping_.store(0);
@@ -135,7 +133,7 @@ class Pool {
 
   std::mutex post_mutex_, mutex_;
   std::condition_variable wake_;
-  size_t threads_ = 0;
+  std::vector<std::thread*> threads_;
   std::atomic<Job*> current_{nullptr};
   std::atomic<uint64_t> generation_{0};
   std::atomic<int> active_{0}, sleeping_{0};
