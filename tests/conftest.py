@@ -1,4 +1,5 @@
 import collections
+import contextlib
 import os
 
 import numpy as np
@@ -82,3 +83,65 @@ def pytest_terminal_summary(terminalreporter):
         reasons[reason.removeprefix("Skipped: ")] += 1
     for reason, count in reasons.most_common():
         terminalreporter.write_line(f"SKIPPED {count} cases: {reason}")
+
+
+# ---- shared by the behaviour files -----------------------------------------------------------
+
+# Every dtype the ops take somewhere: float32/float64 everywhere, float16/bfloat16 on CUDA (the
+# CPU refuses them with a TypeError for now; tests/test_low_precision.py owns CPU low precision).
+ALL_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+CPU_DTYPES = (torch.float32, torch.float64)
+
+
+def skip_unless_dtype_runs_on(device, dtype):
+    """Skips a [cpu] case for a dtype only the CUDA kernels take."""
+    if device == "cpu" and dtype not in CPU_DTYPES:
+        pytest.skip("float16/bfloat16 cases run on CUDA only")
+
+
+@contextlib.contextmanager
+def matmul_precision(tf32, reduced=False):
+    """TF32 on or off for float32 CUDA GEMMs; float16/bfloat16 GEMMs reduce in float32 (no
+    reduced-precision split-K) unless `reduced`, so the only roundings are those of the dtype.
+    Only torch's CUDA matmul flags: a no-op for the CPU kernels."""
+    m = torch.backends.cuda.matmul
+    saved = (m.allow_tf32, m.allow_fp16_reduced_precision_reduction,
+             m.allow_bf16_reduced_precision_reduction)
+    m.allow_tf32 = tf32
+    m.allow_fp16_reduced_precision_reduction = reduced
+    m.allow_bf16_reduced_precision_reduction = reduced
+    try:
+        yield
+    finally:
+        (m.allow_tf32, m.allow_fp16_reduced_precision_reduction,
+         m.allow_bf16_reduced_precision_reduction) = saved
+
+
+def cpu_reference():
+    """The CPU `reference` kernel variant: what another device or variant is compared with."""
+    return twolayer_ext.use_cpu_kernel("reference")
+
+
+# Output masks of two_layer_l2_loss_fwd, in its argument order (x, target, w1, w2, b1, b2), and
+# update masks of sgd_step (w1, w2, b1, b2).
+LOSS_ORDER = ("x", "target", "w1", "w2", "b1", "b2")
+OUTPUT_MASKS = [[True] * 6, [False] * 6, [False, True, False, False, False, False],
+                [True, False, False, True, False, True], [False, False, True, False, True, False]]
+UPDATE_MASKS = [[True] * 4, [False, True, False, True], [True, False, True, False], [False] * 4]
+
+
+def bits(flags):
+    return "".join("1" if f else "0" for f in flags)
+
+
+def cpu_and_device_args(device, shape=(9, 7, 5, 3), bias=True, seed=0, lead=None):
+    """The same float64 problem on the CPU and on `device`: (cpu dict, device dict) with x,
+    target, w1, w2, b1, b2 (x and target reshaped to lead + [D] when `lead` is given). On the
+    CPU the two dicts hold separate copies."""
+    x, y, params = problem(*shape, bias=bias, seed=seed)
+    cpu = dict(x=torch.tensor(x), target=torch.tensor(y),
+               **{k: None if v is None else torch.tensor(v) for k, v in params.items()})
+    if lead is not None:
+        cpu["x"] = cpu["x"].reshape(*lead, shape[1])
+        cpu["target"] = cpu["target"].reshape(*lead, shape[3])
+    return cpu, {k: None if v is None else v.to(device, copy=True) for k, v in cpu.items()}

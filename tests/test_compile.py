@@ -1,5 +1,7 @@
 """torch.compile(fullgraph=True) of a whole training step (forward, loss, backward, SGD update)
-with TwoLayerNet: no graph break, and the same numbers as eager."""
+with TwoLayerNet, the forward + loss, and sgd_step (moved here from test_sgd_step.py, per CPU kernel
+variant): no graph break, and the same numbers as eager. (CUDA graphs and mode="reduce-overhead":
+tests/test_cuda.py.)"""
 import pytest
 import torch
 
@@ -49,3 +51,16 @@ def test_compiled_forward_and_loss():
     torch.testing.assert_close(loss, ref)
     for g, p in zip(grads, model.parameters()):
         torch.testing.assert_close(g, p.grad)
+
+
+@pytest.mark.usefixtures("cpu_kernel")
+def test_compiled_sgd_step():
+    torch.manual_seed(0)
+    net, ref = tl.TwoLayerNet(6, 5, 2), tl.TwoLayerNet(6, 5, 2)
+    ref.load_state_dict(net.state_dict())
+    x, y = torch.randn(4, 6), torch.randn(4, 2)
+    step = torch.compile(lambda: net.sgd_step(x, y, lr=1e-2), fullgraph=True)
+    for _ in range(3):
+        torch.testing.assert_close(step(), ref.sgd_step(x, y, lr=1e-2))
+    for a, b in zip(net.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b)

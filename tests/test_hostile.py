@@ -1,4 +1,13 @@
-"""The hostile-input table (tests/hostile_cases.py), run in a subprocess: a crash (segfault,
+"""Behaviour: bad input is a clear error (the right exception type, a message naming the
+argument), never a crash, on every device. Merged here from test_inputs.py, test_sgd_step.py,
+test_module.py and test_cuda.py; mixed-device errors are CUDA-only and stay in test_cuda.py; the
+fake kernels' wording of a bad CPU dtype is tests/test_gpu_readiness.py's (not ours to move).
+
+In-process tables (per CPU kernel variant; [cuda] cases where the call takes a device): two_layer,
+l2_loss and sgd_step arguments, aliasing and non-leaf weights for sgd_step, a bad reduction named
+by each op, TwoLayerNet sizes and from_sequential's models, a CUDA dtype's wording.
+
+The hostile-input table (tests/hostile_cases.py), run in a subprocess: a crash (segfault,
 abort, sanitizer report) in one case is reported as that case's failure, and the run goes on
 with the next case in a fresh process. Fails with the list of cases that crashed, raised nothing,
 raised the wrong type or a message not naming the argument."""
@@ -7,11 +16,20 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import torch
+from torch import nn
+
+import twolayer_ext as tl
+
+from conftest import HAS_CUDA, LOSS_ORDER, cpu_and_device_args
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "hostile_cases.py")
 MIN_CASES = 100
+KERNELS = pytest.mark.usefixtures("cpu_kernel")  # every CPU kernel variant (and CUDA)
+OPS = torch.ops.twolayer_ext
 
 
 def run_table():
@@ -65,3 +83,153 @@ def test_hostile_inputs_raise_clear_errors_and_never_crash():
         [summary] + failures + fixed)
     if expected_failures:
         pytest.xfail(f"{summary}; known bugs:\n" + "\n".join(expected_failures))
+
+
+# ---- in-process tables ---------------------------------------------------------------------
+
+def f64(*shape):
+    return torch.randn(shape, dtype=torch.float64)
+
+
+GOOD = dict(x=f64(4, 3), w1=f64(3, 5), w2=f64(5, 2), b1=f64(5), b2=f64(2))
+BAD_TWO_LAYER = [
+    ("x", f64(), ValueError, r"x must have at least one dimension \[\*, D_in\]"),
+    ("x", f64(4), ValueError, r"w1 must have shape \[D_in, H\] with D_in = 4"),  # one sample of 4
+    ("x", f64(4, 3, 1), ValueError, r"w1 must have shape \[D_in, H\] with D_in = 1"),
+    ("w1", f64(4, 5), ValueError, r"w1 must have shape \[D_in, H\] with D_in = 3"),
+    ("w1", f64(3), ValueError, "w1 must be a 2-D"),
+    ("w2", f64(4, 2), ValueError, r"w2 must have shape \[H, D_out\] with H = 5"),
+    ("w2", f64(5, 2, 1), ValueError, "w2 must be a 2-D"),
+    ("b1", f64(4), ValueError, r"b1 must have shape \[H\]"),
+    ("b1", f64(1, 5), ValueError, r"b1 must have shape \[H\]"),  # no broadcasting
+    ("b2", f64(3), ValueError, r"b2 must have shape \[D_out\]"),
+    ("b2", f64(1, 2), ValueError, r"b2 must have shape \[D_out\]"),
+    ("x", torch.ones(4, 3, dtype=torch.int64), TypeError, "x must be float32 or float64"),
+    ("x", torch.ones(4, 3, dtype=torch.bool), TypeError, "x must be float32 or float64"),
+    ("x", torch.ones(4, 3, dtype=torch.float16), TypeError, "x must be float32 or float64"),
+    ("x", torch.ones(4, 3, dtype=torch.bfloat16), TypeError, "x must be float32 or float64"),
+    ("w1", f64(3, 5).float(), TypeError, r"w1 must have the same dtype as x \(Double\)"),
+    ("w2", f64(5, 2).float(), TypeError, "w2 must have the same dtype as x"),
+    ("b1", f64(5).float(), TypeError, "b1 must have the same dtype as x"),
+    ("b2", f64(2).float(), TypeError, "b2 must have the same dtype as x"),
+    ("w1", f64(3, 5).to("meta"), RuntimeError, "w1 must be on the same device as x"),
+    ("x", [[1.0, 2.0, 3.0]], TypeError, "x must be a torch.Tensor"),
+    ("w2", None, TypeError, "w2 must be a torch.Tensor"),
+    ("b1", 1.0, TypeError, "b1 must be a torch.Tensor or None"),
+]
+
+
+@KERNELS
+@pytest.mark.parametrize("arg,value,exc,msg", BAD_TWO_LAYER,
+                         ids=[f"{a}-{i}" for i, (a, *_) in enumerate(BAD_TWO_LAYER)])
+def test_bad_two_layer_input(arg, value, exc, msg):
+    kwargs = dict(GOOD, **{arg: value})
+    with pytest.raises(exc, match=msg):
+        tl.two_layer(**kwargs)
+
+
+BAD_LOSS = [
+    (dict(target=f64(4, 3)), ValueError, r"target must have the same shape as pred"),
+    (dict(target=f64(1, 2)), ValueError, r"target must have the same shape as pred"),
+    (dict(target=f64(4, 2).float()), TypeError, "target must have the same dtype as pred"),
+    (dict(pred=torch.ones(4, 2, dtype=torch.int32)), TypeError, "pred must be float32 or float64"),
+    (dict(reduction="avg"), ValueError, 'reduction must be "sum" or "mean"'),
+    (dict(reduction=None), ValueError, 'reduction must be "sum" or "mean"'),
+    (dict(pred=np.zeros((4, 2))), TypeError, "pred must be a torch.Tensor"),
+    (dict(target=f64(4, 2).to("meta")), RuntimeError, "target must be on the same device as pred"),
+]
+
+
+@KERNELS
+@pytest.mark.parametrize("kwargs,exc,msg", BAD_LOSS)
+def test_bad_loss_input(kwargs, exc, msg):
+    args = dict(pred=f64(4, 2), target=f64(4, 2), reduction="sum")
+    args.update(kwargs)
+    with pytest.raises(exc, match=msg):
+        tl.l2_loss(**args)
+
+
+BAD_SGD_STEP = [
+    (dict(lr=-1.0), ValueError, "lr must be a finite number >= 0"),
+    (dict(lr=float("nan")), ValueError, "lr must be a finite number >= 0"),
+    (dict(lr=float("inf")), ValueError, "lr must be a finite number >= 0"),
+    (dict(lr="0.1"), TypeError, "lr must be a float"),
+    (dict(reduction="max"), ValueError, 'reduction must be "sum" or "mean"'),
+    (dict(target=torch.zeros(4, 3)), ValueError, r"target must have shape \[N, D_out\]"),
+    (dict(target=torch.zeros(3, 2, dtype=torch.float64)), TypeError, "target must have the same dtype"),
+    (dict(w1=torch.zeros(1, 1).expand(5, 4)), ValueError, "w1 is updated in place"),
+]
+
+
+@pytest.mark.parametrize("kwargs,exc,msg", BAD_SGD_STEP)
+@KERNELS
+def test_bad_sgd_step_input(kwargs, exc, msg):
+    args = dict(x=torch.randn(3, 5), target=torch.randn(3, 2), w1=torch.randn(5, 4),
+                w2=torch.randn(4, 2), lr=0.1)
+    args.update(kwargs)
+    with pytest.raises(exc, match=msg):
+        tl.sgd_step(**args)
+
+
+@KERNELS
+def test_aliasing_weights_refused():
+    w = torch.randn(4, 4)
+    with pytest.raises(ValueError, match="w1 is updated in place and must not share memory with w2"):
+        tl.sgd_step(torch.randn(3, 4), torch.randn(3, 4), w, w, lr=0.1)
+    x = torch.randn(4, 4)
+    with pytest.raises(ValueError, match="must not share memory with x"):
+        tl.sgd_step(x, torch.randn(4, 4), x, torch.randn(4, 4), lr=0.1)
+
+
+@KERNELS
+def test_non_leaf_weight_in_graph_refused():
+    base = torch.randn(5, 4, requires_grad=True)
+    w1 = base * 2
+    with pytest.raises(RuntimeError, match="non-leaf tensor inside an autograd graph"):
+        tl.sgd_step(torch.randn(3, 5), torch.randn(3, 2), w1, torch.randn(4, 2), lr=0.1)
+
+
+@KERNELS
+def test_bad_reduction_names_the_op(device):
+    _, a = cpu_and_device_args(device)
+    calls = {
+        "sgd_step": lambda: OPS.sgd_step(a["x"], a["target"], a["w1"], a["w2"], a["b1"],
+                                         a["b2"], 0.1, "avg", [True] * 4),
+        "two_layer_l2_loss": lambda: OPS.two_layer_l2_loss_fwd(
+            *(a[k] for k in LOSS_ORDER), "avg", [True] * 6),
+        "l2_loss": lambda: OPS.l2_loss_fwd(a["target"], a["target"], "avg", True),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=rf'^{name}: reduction must be "sum" or "mean", got "avg"'):
+            call()
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and the CUDA build")
+def test_unsupported_dtype_on_cuda_is_a_type_error_worded_alike_by_the_fake_kernel():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def message():
+        x = torch.ones(4, 3, dtype=torch.int32, device="cuda")
+        with pytest.raises(TypeError) as info:
+            tl.two_layer(x, x.t().contiguous(), x.t().contiguous())
+        return str(info.value)
+
+    real = message()
+    assert real == "two_layer: x must be float32, float64, float16 or bfloat16 on CUDA, got Int"
+    with FakeTensorMode():
+        fake = message()
+    assert fake == real
+
+
+@pytest.mark.parametrize("args", [(0, 2, 3), (2, -1, 3), (2, 2, 1.5), (True, 2, 2)])
+def test_bad_sizes(args):
+    with pytest.raises(ValueError, match="must be a positive int"):
+        tl.TwoLayerNet(*args)
+
+
+@pytest.mark.parametrize("seq", [nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)),
+                                 nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)),
+                                 nn.Linear(3, 4)])
+def test_from_sequential_rejects_other_models(seq):
+    with pytest.raises(TypeError, match=r"nn.Sequential\(nn.Linear, nn.ReLU, nn.Linear\)"):
+        tl.TwoLayerNet.from_sequential(seq)

@@ -1,0 +1,74 @@
+"""Behaviour: strides. Transposed, sliced and stepped tensors (inputs, weights, biases, grad
+outputs, expanded gradients) give the same answers as contiguous ones, and sgd_step updates a
+strided weight in place (same storage). Refused aliasing is tests/test_hostile.py (bad input).
+Per device and per CPU kernel variant. Merged from test_inputs.py and test_sgd_step.py.
+"""
+import pytest
+import torch
+
+import twolayer_ext as tl
+from twolayer_ext import reference as R
+
+from conftest import problem, to_torch
+
+pytestmark = pytest.mark.usefixtures("cpu_kernel")  # every test, every CPU variant
+
+
+def fwd_bwd(x, w1, w2, b1=None, b2=None):
+    tensors = [t for t in (x, w1, w2, b1, b2) if t is not None]
+    for t in tensors:
+        t.requires_grad_(True)
+    y = tl.two_layer(x, w1, w2, b1, b2)
+    grads = torch.autograd.grad(y.sum(), tensors, allow_unused=True) if y.numel() else None
+    return y, grads
+
+
+def test_strided_inputs_give_right_answers(device):
+    x, _, params = problem(40, 12, 7, 5, bias=True)
+    ref_y, ref_g = fwd_bwd(*(torch.tensor(a, device=device) for a in
+                             (x, params["w1"], params["w2"], params["b1"], params["b2"])))
+    # A transposed weight, a sliced batch with a step, a sliced bias.
+    w1_t = torch.tensor(params["w1"].T.copy(), device=device).t()
+    w2_t = torch.tensor(params["w2"].T.copy(), device=device).t()
+    x_big = torch.zeros(80, 24, dtype=torch.float64, device=device)
+    x_big[::2, ::2] = torch.tensor(x, device=device)
+    x_s = x_big[::2, ::2]
+    b1_big = torch.zeros(14, dtype=torch.float64, device=device)
+    b1_big[::2] = torch.tensor(params["b1"], device=device)
+    b1_s = b1_big[::2]
+    b2 = torch.tensor(params["b2"], device=device)
+    assert not w1_t.is_contiguous() and not x_s.is_contiguous() and not b1_s.is_contiguous()
+    y, g = fwd_bwd(x_s.detach(), w1_t.detach(), w2_t.detach(), b1_s.detach(), b2)
+    torch.testing.assert_close(y, ref_y, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g, ref_g):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_noncontiguous_and_expanded_grad_outputs(device):
+    x, w1, w2 = (torch.randn(*s, dtype=torch.float64, device=device, requires_grad=True)
+                 for s in ((6, 4), (4, 5), (5, 3)))
+    y = tl.two_layer(x, w1, w2)
+    ref = x.mm(w1).clamp(min=0).mm(w2)
+    for grad in (torch.ones(1, 1, dtype=torch.float64, device=device).expand(6, 3),
+                 torch.randn(3, 6, dtype=torch.float64, device=device).t()):
+        got = torch.autograd.grad(y, (x, w1, w2), grad, retain_graph=True)
+        want = torch.autograd.grad(ref, (x, w1, w2), grad, retain_graph=True)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+    p = torch.randn(6, 3, dtype=torch.float64, device=device)
+    t = torch.randn(3, 6, dtype=torch.float64, device=device).t()
+    torch.testing.assert_close(tl.l2_loss(p, t), (p - t).pow(2).sum())
+
+
+def test_strided_weights_updated_in_place(device):
+    x, y, params = problem(8, 6, 5, 3, bias=False)
+    w1_t = torch.tensor(params["w1"].T.copy(), device=device).t()  # transposed storage
+    w2 = torch.tensor(params["w2"], device=device)
+    ptr = w1_t.data_ptr()
+    ref = to_torch(params, device, requires_grad=True)
+    xt, yt = torch.tensor(x, device=device), torch.tensor(y, device=device)
+    tl.sgd_step(xt, yt, w1_t, w2, lr=1e-2)
+    R.autograd_sgd_step(xt, yt, ref, 1e-2)
+    assert w1_t.data_ptr() == ptr and not w1_t.is_contiguous()
+    torch.testing.assert_close(w1_t, ref["w1"].detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(w2, ref["w2"].detach(), rtol=1e-12, atol=1e-12)
