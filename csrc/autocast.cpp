@@ -1,7 +1,7 @@
 // Autocast for the public ops, as torch's own autocast kernels (ATen/autocast_mode.h) do it
 // for the modules they replace: two_layer and two_layer_l2_loss run in the autocast dtype
 // (the lower-precision policy of linear/addmm, as nn.Linear), l2_loss in float32 (the fp32
-// policy of mse_loss, as nn.MSELoss). Each kernel casts the floating tensor arguments (not
+// policy of mse_loss, as nn.MSELoss), and both losses come back in float32. Each kernel casts the floating tensor arguments (not
 // float64 ones, and not tensors on another device type, as autocast leaves those alone), then
 // calls the op again with the autocast key excluded, so it reaches autograd (which records the
 // casts) and the device kernels. sgd_step has none: it updates its weights in place, and a
@@ -57,8 +57,13 @@ at::Tensor two_layer_l2_loss_autocast(const at::Tensor& x, const at::Tensor& tar
                                       c10::string_view reduction) {
   using Sig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                          const at::Tensor&, const OptTensor&, const OptTensor&, c10::string_view);
-  return cast_and_call<dev, Policy::LowerPrecision, Sig>("twolayer_ext::two_layer_l2_loss", x,
-                                                         target, w1, w2, b1, b2, reduction);
+  const at::Tensor loss = cast_and_call<dev, Policy::LowerPrecision, Sig>(
+      "twolayer_ext::two_layer_l2_loss", x, target, w1, w2, b1, b2, reduction);
+  // Returned in float32, as the loss of two_layer + l2_loss (or nn.MSELoss) is under autocast;
+  // its value carries the autocast dtype's rounding.
+  return loss.scalar_type() == at::autocast::get_lower_precision_fp_from_device_type(dev)
+             ? loss.to(at::kFloat)
+             : loss;
 }
 
 }  // namespace
