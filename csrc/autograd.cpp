@@ -12,7 +12,8 @@
 //
 // Without autograd (no_grad, inference_mode, nothing requires grad) the same public ops
 // run their CompositeExplicitAutograd kernel: the forward op alone, no gradients.
-// The backward ops refuse a second differentiation with a clear error.
+// The backward ops refuse a second differentiation with a clear error; the other kernel
+// ops run below autograd, without history.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/neg.h>
 #include <torch/csrc/autograd/function.h>
@@ -252,9 +253,20 @@ at::Tensor l2_loss_bwd_autograd(const at::Tensor& grad_loss, const at::Tensor& g
   return out;
 }
 
+// The kernel ops are internal (differentiate through the public ops): called directly on
+// tensors that require grad, they compute below autograd, without history, as under no_grad
+// (and sgd_step updates leaf parameters in place, as an optimizer does).
+void below_autograd_boxed(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                          torch::jit::Stack* stack) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(twolayer_ext, Autograd, m) {
+  for (const char* name : {"two_layer_fwd", "l2_loss_fwd", "two_layer_l2_loss_fwd", "sgd_step"})
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&below_autograd_boxed>());
   m.impl("two_layer", &two_layer_autograd);
   m.impl("l2_loss", &l2_loss_autograd);
   m.impl("two_layer_l2_loss", &two_layer_l2_loss_autograd);

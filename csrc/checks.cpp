@@ -28,16 +28,11 @@ Reduction parse_reduction(const char* op, c10::string_view reduction) {
 }
 
 void check_float(const char* op, const char* name, const at::Tensor& t) {
+  // The same four on every device with kernels (float16/bfloat16 compute in float32).
   const auto dt = t.scalar_type();
-  const bool cpu_ok = dt == at::kFloat || dt == at::kDouble;
-  const bool cuda_ok = cpu_ok || dt == at::kHalf || dt == at::kBFloat16;
-  if (t.is_cuda()) {
-    TORCH_CHECK_TYPE(cuda_ok, op, ": ", name,
-                     " must be float32, float64, float16 or bfloat16 on CUDA, got ", dt);
-  } else {
-    TORCH_CHECK_TYPE(cpu_ok, op, ": ", name, " must be float32 or float64 on ", t.device(),
-                     ", got ", dt);
-  }
+  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
+                   op, ": ", name, " must be float32, float64, float16 or bfloat16 on ",
+                   t.is_cuda() ? std::string("CUDA") : t.device().str(), ", got ", dt);
 }
 
 void check_like(const char* op, const char* name, const at::Tensor& t, const char* ref_name,

@@ -57,8 +57,7 @@ void check_like(const char* op, const char* name, const at::Tensor& t, const cha
 void check_shape(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape,
                  const char* shape_desc);
 
-// A floating dtype with kernels on t's device (float32/float64 on CPU; also
-// float16/bfloat16 on CUDA).
+// A floating dtype with kernels: float32, float64, float16 or bfloat16 (CPU and CUDA).
 void check_float(const char* op, const char* name, const at::Tensor& t);
 
 // Tensors written in place must not overlap themselves or any other argument.

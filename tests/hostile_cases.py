@@ -108,8 +108,8 @@ def rank_msg(fn, name):
     return rf"{fn}: {name} must have shape \[(H|D_out)\]"
 
 
-BAD_DTYPES = [torch.int64, torch.int32, torch.uint8, torch.bool, torch.float16, torch.bfloat16,
-              torch.complex64]
+# float16 and bfloat16 are served on every device (csrc/cpu/lowp_cpu.cpp on the CPU).
+BAD_DTYPES = [torch.int64, torch.int32, torch.uint8, torch.bool, torch.int16, torch.complex64]
 NON_TENSORS = [("list", [[1.0, 2.0, 3.0]]), ("ndarray", np.ones((N, D_IN))), ("float", 1.0),
                ("str", "x"), ("dict", {})]
 
@@ -158,7 +158,7 @@ for kind, fn in (("public", "two_layer"), ("op", "two_layer")):
         # every argument in the bad dtype: the first check names x
         case(f"{pre}/all/{dt}", two_layer_call(kind, **{n: (lambda n=n, dt=dt: t(*SHAPES[n]).to(dt))
                                                        for n in SHAPES if n != "target"}),
-             TypeError, rf"{fn}: x must be float32 or float64 on cpu, got")
+             TypeError, rf"{fn}: x must be float32, float64, float16 or bfloat16 on cpu, got")
     for name in ("w1", "b2"):
         case(f"{pre}/{name}/int64-with-float-x",
              two_layer_call(kind, **{name: (lambda n=name: t(*SHAPES[n]).long())}),
@@ -183,7 +183,7 @@ case("two_layer/all-meta/b1-size", lambda: tl.two_layer(
     t(H + 1, device="meta")), ValueError, r"two_layer: b1 must have shape \[H\]")
 case("two_layer/all-meta/int64", lambda: tl.two_layer(
     *(t(*SHAPES[n], device="meta").long() for n in ("x", "w1", "w2"))),
-     TypeError, r"two_layer: x must be float32 or float64")
+     TypeError, r"two_layer: x must be float32, float64, float16 or bfloat16 on meta, got Long")
 
 # ---- l2_loss (public) and l2_loss_fwd (op) ------------------------------------------------------
 
@@ -210,10 +210,10 @@ for kind in ("public", "op"):
          RuntimeError, r"l2_loss: target must be on the same device as pred \(meta\), got cpu")
     case(f"{pre}/target/cuda", loss_call(kind, target=lambda: t(N, D_OUT, device="cuda")),
          RuntimeError, r"l2_loss: target must be on the same device as pred", requires="cuda")
-    for dt in (torch.int64, torch.bool, torch.float16, torch.complex128):
+    for dt in (torch.int64, torch.bool, torch.uint8, torch.complex128):
         case(f"{pre}/pred+target/{dt}", loss_call(kind, pred=lambda dt=dt: t(N, D_OUT).to(dt),
                                                   target=lambda dt=dt: t(N, D_OUT).to(dt)),
-             TypeError, r"l2_loss: pred must be float32 or float64")
+             TypeError, r"l2_loss: pred must be float32, float64, float16 or bfloat16 on cpu, got")
     case(f"{pre}/target/int64", loss_call(kind, target=lambda: t(N, D_OUT).long()),
          TypeError, r"l2_loss: target must have the same dtype as pred")
     for red in ("avg", "SUM", "none", "", "sum "):
@@ -284,7 +284,7 @@ case("op.two_layer_bwd/grad_y/meta", bwd_call(grad_y=lambda: t(N, D_OUT, device=
 case("op.two_layer_bwd/act/rank1", bwd_call(act=lambda: t(N * H)), ValueError,
      rf"{BWD}: act must be 2-D \[N, H\], got 1-D")
 case("op.two_layer_bwd/act/int64", bwd_call(act=lambda: t(N, H).long()), TypeError,
-     rf"{BWD}: act must be float32 or float64")
+     rf"{BWD}: act must be float32, float64, float16 or bfloat16 on cpu, got Long")
 case("op.two_layer_bwd/act/size", bwd_call(act=lambda: t(N, H + 1)), ValueError,
      rf"{BWD}: w2 must have shape \[H, D_out\] with H = 6")
 case("op.two_layer_bwd/w2/size", bwd_call(w2=lambda: t(H + 1, D_OUT)), ValueError,
@@ -356,10 +356,10 @@ for kind in ("public", "op"):
         case(f"{pre}/{name}/cuda-device",
              sgd_call(kind, **{name: (lambda n=name: t(*SHAPES[n], device="cuda"))}),
              RuntimeError, r"sgd_step: \w+ must be on the same device as \w+", requires="cuda")
-    case(f"{pre}/all/float16", sgd_call(kind, dtype=torch.float16), TypeError,
-         r"sgd_step: x must be float32 or float64 on cpu, got Half")
+    case(f"{pre}/all/int32", sgd_call(kind, **{n: (lambda n=n: t(*SHAPES[n]).int()) for n in SHAPES}),
+         TypeError, r"sgd_step: x must be float32, float64, float16 or bfloat16 on cpu, got Int")
     case(f"{pre}/all/int64", sgd_call(kind, **{n: (lambda n=n: t(*SHAPES[n]).long()) for n in SHAPES}),
-         TypeError, r"sgd_step: x must be float32 or float64 on cpu, got Long")
+         TypeError, r"sgd_step: x must be float32, float64, float16 or bfloat16 on cpu, got Long")
     for lr in (-1.0, -1e-300, float("nan"), float("inf"), float("-inf")):
         case(f"{pre}/lr/{lr!r}", sgd_call(kind, lr=lr), ValueError,
              r"sgd_step: lr must be a finite number >= 0, got")

@@ -202,7 +202,7 @@ def test_busy_helpers_end_when_the_benchmark_is_killed():
 
 
 @pytest.mark.parametrize("args", [["--size", "0,1,1,1"], ["--size", "big"], ["--threads", "0"],
-                                  ["--dtype", "bfloat16"], ["--busy", "-1"],
+                                  ["--dtype", "int8"], ["--busy", "-1"],
                                   ["--backend", "jax"], ["--backend", "module+rmsprop"],
                                   ["--backend", "sgd_step[nope]"]])
 def test_bad_arguments_exit_2(args, capsys):

@@ -114,29 +114,30 @@ def dtype_inputs(device, dtype, bias, requires_grad, N=5):
 @pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 def test_opcheck_every_op_in_every_dtype(device, dtype, requires_grad):
-    # Moved from test_cuda.py (test_opcheck_every_op): float16/bfloat16 on CUDA only.
+    # The public ops carry the autograd formulas, so they are the ones checked with inputs that
+    # require grad; the kernel ops behind them are internal (no autograd) and checked without.
     skip_unless_dtype_runs_on(device, dtype)
-    if device == "cpu" and requires_grad:
-        # On the CPU, opcheck's test_aot_dispatch_dynamic of the kernel ops with inputs that
-        # require grad hits the double-backward refusal; this case was CUDA-only before the move.
-        pytest.skip("opcheck of the kernel ops with requires_grad inputs: checked on CUDA only")
     x, w1, w2, b1, b2 = dtype_inputs(device, dtype, True, requires_grad)
+    target = torch.randn(5, 3, device=device).to(dtype)
+    pred = torch.randn(5, 3, device=device).to(dtype).requires_grad_(requires_grad)
+    opcheck(OPS.two_layer, (x, w1, w2, b1, b2))
+    opcheck(OPS.two_layer, (x, w1, w2, None, None))
+    for reduction in ("sum", "mean"):
+        opcheck(OPS.l2_loss, (pred, target, reduction))
+        opcheck(OPS.two_layer_l2_loss, (x, target, w1, w2, b1, b2, reduction))
+    x, w1, w2, b1, b2 = (t.detach() for t in (x, w1, w2, b1, b2))
     opcheck(OPS.two_layer_fwd, (x, w1, w2, b1, b2))
     opcheck(OPS.two_layer_fwd, (x, w1, w2, None, None))
     _, act = OPS.two_layer_fwd(x, w1, w2, b1, b2)
     grad_y = torch.randn(5, 3, device=device).to(dtype)
     # (x, w1, w2, b1, b2): everything, the weights alone, nothing
     for mask in ([True] * 5, [False, True, True, False, False], [False] * 5):
-        opcheck(OPS.two_layer_bwd, (grad_y, x.detach(), w1.detach(), w2.detach(), act, mask))
-    pred = torch.randn(5, 3, device=device).to(dtype).requires_grad_(requires_grad)
-    target = torch.randn(5, 3, device=device).to(dtype)
+        opcheck(OPS.two_layer_bwd, (grad_y, x, w1, w2, act, mask))
     for reduction in ("sum", "mean"):
-        opcheck(OPS.l2_loss_fwd, (pred, target, reduction, requires_grad))
-        opcheck(OPS.two_layer_l2_loss, (x, target, w1, w2, b1, b2, reduction))
+        opcheck(OPS.l2_loss_fwd, (pred.detach(), target, reduction, requires_grad))
     opcheck(OPS.l2_loss_bwd, (torch.tensor(1.5, device=device).to(dtype), grad_y))
     for mask in OUTPUT_MASKS:
-        opcheck(OPS.two_layer_l2_loss_fwd, (x.detach(), target, w1.detach(), w2.detach(),
-                                            b1.detach(), b2.detach(), "mean", mask))
+        opcheck(OPS.two_layer_l2_loss_fwd, (x, target, w1, w2, b1, b2, "mean", mask))
     for update in UPDATE_MASKS:
-        w1c, w2c, b1c, b2c = (t.detach().clone() for t in (w1, w2, b1, b2))
-        opcheck(OPS.sgd_step, (x.detach(), target, w1c, w2c, b1c, b2c, 1e-2, "mean", update))
+        w1c, w2c, b1c, b2c = (t.clone() for t in (w1, w2, b1, b2))
+        opcheck(OPS.sgd_step, (x, target, w1c, w2c, b1c, b2c, 1e-2, "mean", update))

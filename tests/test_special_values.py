@@ -65,7 +65,11 @@ def test_nan_activation_has_its_sign_bit_cleared(device, dtype):
     # h = +NaN and -NaN (via the bias, exactly as given): the saved act must hold NaN with the
     # sign bit clear, or the backward would read it as "h < 0" and block a gradient numpy passes.
     nan = torch.tensor(float("nan"), dtype=dtype)
-    b1 = torch.stack([nan, -nan, torch.tensor(-1.0, dtype=dtype)]).to(device)
+    # -NaN from its bits: negating a 16-bit NaN on the CPU goes through float32 and comes
+    # back as the canonical (positive) NaN.
+    as_int = {2: torch.int16, 4: torch.int32, 8: torch.int64}[nan.element_size()]
+    neg_nan = (nan.view(as_int) | torch.iinfo(as_int).min).view(dtype)
+    b1 = torch.stack([nan, neg_nan, torch.tensor(-1.0, dtype=dtype)]).to(device)
     assert torch.signbit(b1).tolist() == [False, True, True]
     x = torch.ones(1, 1, dtype=dtype, device=device)
     w1 = torch.zeros(1, 3, dtype=dtype, device=device)

@@ -158,18 +158,17 @@ def _fake_check_like(fn, name, t, ref_name, ref):
 
 def _fake_check_float(fn, name, t):
     # The real check's words (csrc/checks.cpp check_float): "on CUDA" for any CUDA device, and
-    # the dtype as c10 names it ("Int", not "torch.int32").
-    cuda = t.device.type == "cuda"
-    ok = (torch.float32, torch.float64) + ((torch.float16, torch.bfloat16) if cuda else ())
+    # the dtype as c10 names it ("Int", not "torch.int32"). The same four dtypes on every device.
+    ok = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
     c10_names = {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half",
                  torch.bfloat16: "BFloat16", torch.int8: "Char", torch.uint8: "Byte",
                  torch.int16: "Short", torch.int32: "Int", torch.int64: "Long",
                  torch.bool: "Bool", torch.complex64: "ComplexFloat",
                  torch.complex128: "ComplexDouble"}
-    names = [str(d).replace("torch.", "") for d in ok]
+    where = "CUDA" if t.device.type == "cuda" else t.device
     torch._check_type(t.dtype in ok, lambda: (
-        f"{fn}: {name} must be {', '.join(names[:-1])} or {names[-1]} on "
-        f"{'CUDA' if cuda else t.device}, got {c10_names.get(t.dtype, str(t.dtype))}"))
+        f"{fn}: {name} must be float32, float64, float16 or bfloat16 on {where}, "
+        f"got {c10_names.get(t.dtype, str(t.dtype))}"))
 
 
 def _fake_check_rank(fn, name, t, layout):

@@ -1,6 +1,7 @@
 // CPU op entry points: check the arguments, allocate the outputs, then hand
 // raw strided views to the kernel variant the registry picks for the shape
 // (variants.h). The L2 loss, one pass for every variant, lives here too.
+// float16/bfloat16 go to lowp_cpu.cpp after the checks (one path for every variant).
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mul.h>
@@ -11,6 +12,7 @@
 
 #include "../kernels.h"
 #include "cpu_impl.h"
+#include "lowp_cpu.h"
 #include "pool.h"
 #include "tuning.h"
 #include "variants.h"
@@ -95,6 +97,7 @@ std::tuple<at::Tensor, at::Tensor> two_layer_fwd(const at::Tensor& x, const at::
                                                  const at::Tensor& w2, const OptTensor& b1,
                                                  const OptTensor& b2) {
   const Dims d = check_two_layer_args("two_layer", x, w1, w2, b1, b2);
+  if (lowp::handles(x)) return lowp::two_layer_fwd(d, x, w1, w2, b1, b2);
   auto act = at::empty({d.N, d.H}, x.options());
   auto y = at::empty({d.N, d.D_out}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "two_layer_fwd", [&] {
@@ -110,6 +113,7 @@ Grads5 two_layer_bwd(const at::Tensor& grad_y, const OptTensor& x, const OptTens
                      const at::Tensor& w2, const at::Tensor& act_in, std::array<bool, 5> output_mask) {
   const auto [need_x, need_w1, need_w2, need_b1, need_b2] = output_mask;
   const Dims d = check_two_layer_bwd_args(grad_y, x, w1, w2, act_in, need_x, need_w1);
+  if (lowp::handles(act_in)) return lowp::two_layer_bwd(grad_y, x, w1, w2, act_in, output_mask);
   const auto act = act_in.expect_contiguous();  // two_layer_fwd's own act: no copy
   const auto opts = act->options();
   OptTensor grad_x, grad_w1, grad_w2, grad_b1, grad_b2;
@@ -133,6 +137,7 @@ Grads5 two_layer_bwd(const at::Tensor& grad_y, const OptTensor& x, const OptTens
 std::tuple<at::Tensor, OptTensor> l2_loss_fwd(const at::Tensor& pred, const at::Tensor& target,
                                               c10::string_view reduction, bool need_grad) {
   const Reduction r = check_l2_loss_args(pred, target, reduction);
+  if (lowp::handles(pred)) return lowp::l2_loss_fwd(pred, target, r, need_grad);
   // Non-contiguous inputs are read through a contiguous copy (made only then).
   const auto p = pred.expect_contiguous();
   const auto t = target.expect_contiguous();
@@ -162,6 +167,8 @@ FusedLossGrads two_layer_l2_loss_fwd(const at::Tensor& x, const at::Tensor& targ
                                      c10::string_view reduction, std::array<bool, 6> output_mask) {
   const Dims d = check_two_layer_l2_loss_args(x, target, w1, w2, b1, b2);
   const bool mean = parse_reduction("two_layer_l2_loss", reduction) == Reduction::Mean;
+  if (lowp::handles(x))
+    return lowp::two_layer_l2_loss_fwd(d, x, target, w1, w2, b1, b2, mean, output_mask);
   const auto [need_x, need_target, need_w1, need_w2, need_b1, need_b2] = output_mask;
   const auto opts = x.options();
   auto loss = at::empty({}, opts);
@@ -189,6 +196,7 @@ at::Tensor sgd_step(const at::Tensor& x, const at::Tensor& target, const at::Ten
                     c10::string_view reduction, std::array<bool, 4> update) {
   const Dims d = check_sgd_step_args(x, target, w1, w2, b1, b2, lr);
   const bool mean = parse_reduction("sgd_step", reduction) == Reduction::Mean;
+  if (lowp::handles(x)) return lowp::sgd_step(d, x, target, w1, w2, b1, b2, lr, mean, update);
   const auto [update_w1, update_w2, update_b1, update_b2] = update;
   auto loss = at::empty({}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sgd_step", [&] {

@@ -130,7 +130,10 @@ std::string set_kernel_variant(c10::string_view name) {
 std::string kernel_info(const std::optional<Dims>& d, c10::ScalarType dtype) {
   const int c = current_choice().load();
   std::string s = choice_name(c);
-  if (d) {
+  const bool low_precision = dtype == c10::ScalarType::Half || dtype == c10::ScalarType::BFloat16;
+  if (d && low_precision) {
+    s += ": low precision (lowp_cpu.cpp: one path for every variant)";
+  } else if (d) {
     s += std::string(": ") + kTable[row_for(c, *d, dtype)].name;
   } else if (c == kAuto) {
     s += std::string(" (") + kTable[tuned_row()].name + " or blas, by shape)";
