@@ -45,10 +45,6 @@ struct Tiles<Isa::Avx512, double> {
   static constexpr int64_t KC = 512, MC = 240, NC = 1536;
 };
 
-// A GEMM with at most this many rows reads full panels of a row-major B in place
-// instead of packing them (each panel then serves only a few register tiles).
-constexpr int64_t kReadBInPlaceMaxRows = 240;
-
 // A GEMM below this many flops stays on one thread: at the tutorial's size a second
 // thread costs more than it saves (and stalls if the other core is busy).
 constexpr double kMinFlopsForThreads = 4e6;
