@@ -29,6 +29,7 @@ constexpr int64_t kChunksPerThread = 4;
 constexpr auto kSpin = std::chrono::microseconds(50);
 
 thread_local bool in_region = false;
+thread_local bool use_pool = false;  // set by PoolScope
 
 struct Job {
   ChunkFn run;
@@ -141,7 +142,14 @@ class Pool {
 
 }  // namespace
 
+PoolScope::PoolScope() : previous_(use_pool) { use_pool = true; }
+PoolScope::~PoolScope() { use_pool = previous_; }
+
 void parallel_for_chunks(int64_t begin, int64_t end, int64_t grain, ChunkFn run, const void* f) {
+  if (!use_pool && !in_region) {
+    at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) { run(f, b, e); });
+    return;
+  }
   const int64_t n = end - begin;
   if (n <= 0) return;
   const int threads = in_region ? 1 : at::get_num_threads();

@@ -14,6 +14,21 @@
 
 namespace twolayer::cpu {
 
+// Our pool serves the loops inside a PoolScope (sgd_step: the whole training step in one
+// call); elsewhere the loops run on ATen's OpenMP threads. The ops of the autograd paths sit
+// among ATen ops (the optimizer, gradient accumulation), and two pools on the same cores
+// spin against each other: measured, the fused loss at 2 threads ran at half speed.
+class PoolScope {
+ public:
+  PoolScope();
+  ~PoolScope();
+  PoolScope(const PoolScope&) = delete;
+  PoolScope& operator=(const PoolScope&) = delete;
+
+ private:
+  bool previous_;
+};
+
 using ChunkFn = void (*)(const void* f, int64_t begin, int64_t end);
 void parallel_for_chunks(int64_t begin, int64_t end, int64_t grain, ChunkFn run, const void* f);
 

@@ -62,17 +62,19 @@ inline bool row_blocked(int64_t N, int64_t D_in, int64_t H, int64_t D_out) {
 constexpr int64_t kElementwiseGrain = int64_t(1) << 15;
 
 // "auto": the platform BLAS ("blas") instead of our tuned GEMMs for this problem?
-// Measured on AMD EPYC Zen 4, sgd_step medians, 1 and 2 threads (docs/performance.md):
-// MKL's small float32 GEMMs beat ours (seed 64,1000,100,10: 218 vs 258 us at 2 threads,
-// 350 vs 417 at 1). At medium (512,1024,256,64) MKL was ahead by 3-6% on a quiet machine
-// but its OpenMP barriers made a step 1.2-6x slower with another process on a core,
-// where ours (pool.h) held; at large our AVX-512 kernels win (130 vs 140 ms); in float64
-// ours win or tie at every size; the narrow layers' row-blocked step is ours alone.
+// Measured on AMD EPYC Zen 4, sgd_step medians (docs/performance.md): MKL's small float32
+// GEMMs beat ours on one thread (seed 64,1000,100,10: 330 vs 397 us) and on two of a quiet
+// machine (204 vs 244 us), but with another process on a core its OpenMP barriers made the
+// two-thread step 2.8x slower than one thread (953 vs 337 us), where ours (pool.h) hold;
+// so MKL only where it runs on one thread. At medium MKL's quiet edge was 3-6%; at large our
+// AVX-512 kernels win (130 vs 140 ms); in float64 ours win or tie at every size; the narrow
+// layers' row-blocked step is ours alone.
 constexpr double kAutoBlasMaxFlops = 1e8;  // per step: 4 N D_in H + 6 N H D_out
 inline bool auto_prefers_blas(int64_t N, int64_t D_in, int64_t H, int64_t D_out,
-                              bool single_precision) {
+                              bool single_precision, int threads) {
   const double flops = 4.0 * double(N) * double(D_in) * double(H) + 6.0 * double(N) * double(H) * double(D_out);
-  return single_precision && !row_blocked(N, D_in, H, D_out) && flops <= kAutoBlasMaxFlops;
+  return single_precision && threads == 1 && !row_blocked(N, D_in, H, D_out) &&
+         flops <= kAutoBlasMaxFlops;
 }
 
 }  // namespace twolayer::cpu::tuning

@@ -198,6 +198,7 @@ at::Tensor sgd_step(const at::Tensor& x, const at::Tensor& target, const at::Ten
   const bool mean = parse_reduction("sgd_step", reduction) == Reduction::Mean;
   if (lowp::handles(x)) return lowp::sgd_step(d, x, target, w1, w2, b1, b2, lr, mean, update);
   const auto [update_w1, update_w2, update_b1, update_b2] = update;
+  const PoolScope pool;  // the whole step in one call: our pool (pool.h)
   auto loss = at::empty({}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sgd_step", [&] {
     using T = scalar_t;

@@ -106,7 +106,8 @@ int row_for(int choice, const Dims& d, c10::ScalarType dtype) {
   if (choice >= 0) return choice;
   const int tuned = tuned_row();  // first, so that a bad TWOLAYER_ISA fails on any shape
   if (choice == kAuto && tuning::auto_prefers_blas(d.N, d.D_in, d.H, d.D_out,
-                                                   dtype == c10::ScalarType::Float))
+                                                   dtype == c10::ScalarType::Float,
+                                                   at::get_num_threads()))
     return row_of("blas");
   return tuned;
 }
