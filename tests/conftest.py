@@ -44,6 +44,16 @@ def problem(N, D_in, H, D_out, *, bias, seed=0):
     return x, y, params
 
 
+def loss_through(path, t, reduction):
+    """The loss of problem tensors t {x, y, w1, w2, b1, b2} through the fused loss ("fused") or
+    two_layer + l2_loss (anything else); returns (loss, y or None)."""
+    if path == "fused":
+        return twolayer_ext.two_layer_l2_loss(t["x"], t["y"], t["w1"], t["w2"], t["b1"], t["b2"],
+                                              reduction=reduction), None
+    y = twolayer_ext.two_layer(t["x"], t["w1"], t["w2"], t["b1"], t["b2"])
+    return twolayer_ext.l2_loss(y, t["y"], reduction), y
+
+
 def to_torch(params, device, dtype=torch.float64, requires_grad=False):
     return {k: (None if v is None else
                 torch.tensor(v, dtype=dtype, device=device).requires_grad_(requires_grad))

@@ -20,7 +20,7 @@ import torch
 import twolayer_ext as tl
 from twolayer_ext import reference as R
 
-from conftest import HAS_CUDA, matmul_precision, problem
+from conftest import HAS_CUDA, loss_through, matmul_precision, problem
 
 pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and the CUDA build")
 OPS = torch.ops.twolayer_ext
@@ -85,12 +85,7 @@ def test_forward_loss_and_gradients_match_float64_oracle(precision, shape, bias,
     dtype, config, tol, t, e = precision_problem(precision, shape, bias)
     leaves = {k: v.requires_grad_() for k, v in t.items() if v is not None}  # target too
     with matmul_precision(*config):
-        if path == "fused":
-            loss = tl.two_layer_l2_loss(t["x"], t["y"], t["w1"], t["w2"], t["b1"], t["b2"],
-                                        reduction=reduction)
-        else:
-            y = tl.two_layer(t["x"], t["w1"], t["w2"], t["b1"], t["b2"])
-            loss = tl.l2_loss(y, t["y"], reduction)
+        loss, _ = loss_through(path, t, reduction)
         loss.backward()
     assert loss.dtype == dtype and loss.is_cuda
 

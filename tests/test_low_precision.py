@@ -27,7 +27,7 @@ from torch.library import opcheck
 import twolayer_ext as tl
 from twolayer_ext import reference as R
 
-from conftest import problem
+from conftest import loss_through, problem
 
 OPS = torch.ops.twolayer_ext
 LOWP = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -107,12 +107,7 @@ def test_forward_loss_and_gradients_within_rounding_bound(dtype_name, shape, bia
     t, e = quantized_problem(dtype, shape, bias, device)
     leaves = {k: v.requires_grad_() for k, v in t.items() if v is not None}  # target too
     with float32_reductions(device):
-        if path == "fused":
-            loss = tl.two_layer_l2_loss(t["x"], t["y"], t["w1"], t["w2"], t["b1"], t["b2"],
-                                        reduction=reduction)
-        else:
-            y = tl.two_layer(t["x"], t["w1"], t["w2"], t["b1"], t["b2"])
-            loss = tl.l2_loss(y, t["y"], reduction)
+        loss, y = loss_through(path, t, reduction)
         loss.backward()
     y_np, loss_np, grads, mags, loss_scale = oracle(e, reduction)
     assert loss.dtype == dtype and loss.device.type == device

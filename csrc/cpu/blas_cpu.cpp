@@ -126,9 +126,7 @@ void forward(const ForwardArgs<T>& a) {
   bias_relu(a.act, d.N, d.H, a.b1);
   at::Tensor y = row_major_tensor<T>(a.y, d.N, d.D_out);
   at::mm_out(y, act, as_tensor(a.w2, d.H, d.D_out));
-  if (a.b2)
-    for (int64_t i = 0; i < d.N; ++i)
-      for (int64_t j = 0; j < d.D_out; ++j) a.y[i * d.D_out + j] += a.b2[j];
+  add_bias(a.y, d.N, d.D_out, a.b2);
 }
 
 template <typename T>
@@ -173,9 +171,7 @@ double step(const StepArgs<T>& s) {
   at::mm_out(act, x, w1);
   bias_relu(act.data_ptr<T>(), d.N, d.H, s.b1);
   at::mm_out(gy, act, w2);  // y, turned into grad_y in place
-  if (s.b2)
-    for (int64_t i = 0; i < d.N; ++i)
-      for (int64_t j = 0; j < d.D_out; ++j) gy.data_ptr<T>()[i * d.D_out + j] += s.b2[j];
+  add_bias(gy.data_ptr<T>(), d.N, d.D_out, s.b2);
   const double n = double(d.N * d.D_out);
   const double total =
       loss_and_grad(gy.data_ptr<T>(), s.target, d.N, d.D_out, T(s.mean ? 2.0 / n : 2.0));

@@ -124,6 +124,14 @@ void deliver(const GradOut<T>& out, const T* g, int64_t rows, int64_t cols) {
       for (int64_t j = 0; j < cols; ++j) out.update(i, j) -= out.lr * g[i * cols + j];
 }
 
+// y [rows, cols] row-major += b (broadcast over rows), when b is given.
+template <typename T>
+void add_bias(T* y, int64_t rows, int64_t cols, Bias<const T> b) {
+  if (!b) return;
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) y[i * cols + j] += b[j];
+}
+
 // The ReLU with its mask in the sign bit: h < 0 ? -0.0 : |h| (NaN kept, sign cleared).
 template <typename T>
 inline T relu_with_sign_mask(T h) {

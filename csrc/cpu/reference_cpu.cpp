@@ -46,9 +46,7 @@ void forward(const ForwardArgs<T>& a) {
       h = relu_with_sign_mask(h);
     }
   matmul(d.N, d.D_out, d.H, row_major<T>(a.act, d.H), a.w2, a.y);  // y = relu(h) @ w2
-  if (a.b2)
-    for (int64_t i = 0; i < d.N; ++i)
-      for (int64_t j = 0; j < d.D_out; ++j) a.y[i * d.D_out + j] += a.b2[j];
+  add_bias(a.y, d.N, d.D_out, a.b2);
 }
 
 template <typename T>
