@@ -9,7 +9,6 @@
 #include <cmath>
 #include <cstdlib>
 #include <new>
-#include <utility>
 #include <vector>
 
 #include "../cpu_impl.h"
