@@ -1,16 +1,17 @@
 # make demo : set up .venv, build, run the main job (the tutorial trained four ways)
 # make test : set up .venv, build, run every test
+# make check: lint (ruff: pyflakes rules) and compile every C++ source for aarch64 (no build needed)
 # Override the torch pin with e.g. `make test TORCH_SPEC='torch==2.14.1'`.
 PYTHON     ?= python3
 VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY          = $(VENV)/bin/python
-DEPS        = "$(TORCH_SPEC)" numpy pytest hypothesis ninja "setuptools>=77" wheel matplotlib scikit-learn
+DEPS        = "$(TORCH_SPEC)" numpy pytest hypothesis ninja "setuptools>=77" wheel matplotlib scikit-learn "ruff>=0.17,<0.18"
 # What the venv was last set up with: pip runs only when this changes (it takes seconds even
 # when everything is installed).
 DEPS_STAMP  = $(VENV)/.twolayer-deps
 
-.PHONY: all setup build test demo bench cuda-check sanitize clean
+.PHONY: all setup build test check demo bench cuda-check sanitize clean
 all: test
 
 setup:
@@ -37,6 +38,11 @@ build: setup
 
 test: build
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+# Fast static checks, no build: ruff over every .py (pyproject.toml [tool.ruff]), then every C++
+# source of the CPU build compiled for aarch64 with -fsyntax-only (see tools/check.sh).
+check: setup
+	@PY=$(PY) bash tools/check.sh
 
 demo: build
 	@mkdir -p build

@@ -1,5 +1,7 @@
 // The tuned kernels compiled for AVX2 + FMA (the registry runs them when the CPU has both).
+#if defined(__x86_64__)  // the intrinsics exist on x86 only; elsewhere the portable body below
 #include <immintrin.h>
+#endif
 
 #include "tuned/prelude.h"
 

@@ -1,6 +1,8 @@
 // The tuned kernels compiled for AVX-512 (F, DQ, VL, BW) + FMA: 32 vector registers
 // hold a 12-row tile (the registry runs them when the CPU has all of these).
+#if defined(__x86_64__)  // the intrinsics exist on x86 only; elsewhere the portable body below
 #include <immintrin.h>
+#endif
 
 #include "tuned/prelude.h"
 
