@@ -117,14 +117,18 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) partial[blockIdx.x] = total;
 }
 
-// loss = (sum of the partials) / divisor, by one block in a fixed order.
+// loss = (sum of the partials) / divisor, by one block in a fixed order. The float64 value
+// goes to T through T's opmath type with the device's IEEE round-to-nearest conversions, which
+// saturate to +-inf: a loss beyond T's range is inf, as torch's own losses give (never an error,
+// never the undefined result a host-side C++ cast of an out-of-range double would be).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     finish_loss_kernel(const double* partial, int64_t num_partials, double divisor, T* loss) {
+  using A = at::opmath_type<T>;
   double sum = 0.0;
   for (int64_t i = threadIdx.x; i < num_partials; i += blockDim.x) sum += partial[i];
   const double total = block_sum<kThreads>(sum);
-  if (threadIdx.x == 0) *loss = static_cast<T>(total / divisor);
+  if (threadIdx.x == 0) *loss = static_cast<T>(static_cast<A>(total / divisor));
 }
 
 }  // namespace

@@ -19,7 +19,8 @@ void relu_with_sign_mask_(const at::Tensor& act);
 void apply_relu_mask_(const at::Tensor& grad_h, const at::Tensor& act);
 
 // loss (0-dim) = (sum of (pred - target)^2) / loss_divisor, accumulated in
-// float64 in a fixed order (same bits on every run); and, in the same read,
+// float64 in a fixed order (same bits on every run), inf where it overflows
+// loss's dtype; and, in the same read,
 // grad = grad_scale * (pred - target) when `grad` is given. The two scales are
 // apart because a fused step keeps grad_scale = 2 for the mean too (see
 // two_layer_cuda.cu).

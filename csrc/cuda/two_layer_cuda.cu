@@ -4,7 +4,8 @@
 // elementwise pass from elementwise.cu. Every op checks its arguments first
 // (a mixed-device call is an error naming the argument), then runs on x's (or
 // the reference tensor's) device and that device's current stream, with no
-// host synchronisation, so it can be captured in a CUDA graph.
+// host synchronisation, so it can be captured in a CUDA graph. sgd_step changes no weight
+// unless it runs to the end (see fused_step).
 #include <ATen/OpMathType.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
@@ -15,6 +16,7 @@
 
 #include <array>
 #include <cmath>
+#include <limits>
 
 #include "../checks.h"
 #include "../kernels.h"
@@ -79,11 +81,17 @@ struct FusedResult {
   std::array<OptTensor, 4> grads;  // (w1, w2, b1, b2), stored mode only
 };
 
-// Forward, L2 loss and the gradients `s` asks for, all at the weights as they were on entry:
-// every read of a weight comes before its update. The loss's gradient stays 2 * (y - target)
-// (the "sum" one) and the mean's 1/n is folded into the GEMMs' alpha and the bias sums' scale:
-// for reduced-precision dtypes (2/n) * d would be subnormal at large n (n ~ 1e6 for float16),
-// leaving mostly rounding noise for the GEMMs to multiply.
+// Forward, L2 loss and the gradients `s` asks for, all at the weights as they were on entry.
+// The loss's gradient stays 2 * (y - target) (the "sum" one) and the mean's 1/n is folded into
+// the GEMMs' alpha and the bias sums' scale: for reduced-precision dtypes (2/n) * d would be
+// subnormal at large n (n ~ 1e6 for float16), leaving mostly rounding noise for the GEMMs to
+// multiply.
+//
+// sgd_step (s.lr set) computes every gradient into fresh tensors first and only then updates
+// the weights, with in-place adds that allocate nothing and whose alpha the caller has checked
+// (see sgd_step): whatever can fail (an allocation, a GEMM, a conversion) fails before any weight
+// has changed, so an error never leaves a caller with some weights updated. The weights'
+// gradients cost the memory the fused loss's outputs take anyway.
 FusedResult fused_step(const Dims& d, const at::Tensor& x, const at::Tensor& target,
                        const at::Tensor& w1, const at::Tensor& w2, const OptTensor& b1,
                        const OptTensor& b2, const FusedStep& s) {
@@ -96,7 +104,8 @@ FusedResult fused_step(const Dims& d, const at::Tensor& x, const at::Tensor& tar
   if (need_grad_y) grad_y = at::empty({d.N, d.D_out}, x.options());
   const auto t = target.expect_contiguous();
   const double n = static_cast<double>(d.N) * static_cast<double>(d.D_out);
-  // The mean of nothing is 0 / 0 = NaN, as on the CPU.
+  // The mean of nothing is 0 / 0 = NaN, as on the CPU. A loss beyond the dtype's range is inf
+  // (the device's double-to-dtype conversion rounds to nearest, overflowing to inf).
   squared_error(y, *t, /*loss_divisor=*/s.mean ? n : 1.0, r.loss, grad_y, /*grad_scale=*/2.0);
   if (!need_grad_y) return r;
   // n = 0: every gradient is an empty sum, 0 as on the CPU; scale 1 keeps alpha finite there.
@@ -104,31 +113,36 @@ FusedResult fused_step(const Dims& d, const at::Tensor& x, const at::Tensor& tar
   const auto& gy = *grad_y;
   const auto [want_w1, want_w2, want_b1, want_b2] = s.weights;
 
-  // The hidden gradient first: it reads w2 before w2's update.
   at::Tensor grad_h;
   if (s.grad_x || want_w1 || want_b1) grad_h = hidden_grad(gy, w2, act);
   if (s.grad_target) r.grad_target = at::mul(gy, -scale);
-  if (s.grad_x) r.grad_x = scaled_mm(grad_h, w1.t(), scale);  // reads w1 before its update
+  if (s.grad_x) r.grad_x = scaled_mm(grad_h, w1.t(), scale);
 
-  // Each weight: grad = scale * (a @ b) (or scale * column sums of g for a bias).
-  auto matrix = [&](int i, const at::Tensor& w, const at::Tensor& a, const at::Tensor& b) {
-    if (!s.weights[i]) return;
-    if (s.lr) const_cast<at::Tensor&>(w).addmm_(a, b, /*beta=*/1.0, /*alpha=*/-*s.lr * scale);
-    else r.grads[i] = scaled_mm(a, b, scale);
+  // Each weight's gradient: scale * (a @ b) for a matrix, in its dtype; for a bias the column
+  // sums of g, unscaled and in float32 for float16/bfloat16 (the unscaled sum of 2 * d over N
+  // rows may pass float16's 65504 even where the scaled gradient is small).
+  std::array<OptTensor, 4> grads;
+  auto column_sums = [](const at::Tensor& g) {
+    return at::sum(g, 0, /*keepdim=*/false, at::toOpMathType(g.scalar_type()));
   };
-  auto bias = [&](int i, const OptTensor& b, const at::Tensor& g) {
-    if (!s.weights[i] || !b) return;
-    // Summed into float32 for float16/bfloat16: the unscaled sum of 2 * d over N rows may
-    // pass float16's 65504 even where the scaled gradient is small.
-    const auto sum = at::sum(g, 0, /*keepdim=*/false, at::toOpMathType(g.scalar_type()));
-    if (s.lr) const_cast<at::Tensor&>(*b).add_(sum, -*s.lr * scale);
-    else r.grads[i] = at::mul(sum, scale).to(g.scalar_type());
-  };
-  matrix(1, w2, act.t(), gy);
-  bias(3, b2, gy);
+  if (want_w2) grads[1] = scaled_mm(act.t(), gy, scale);
+  if (want_b2) grads[3] = column_sums(gy);
   if (grad_h.defined()) {
-    matrix(0, w1, x.t(), grad_h);
-    bias(2, b1, grad_h);
+    if (want_w1) grads[0] = scaled_mm(x.t(), grad_h, scale);
+    if (want_b1) grads[2] = column_sums(grad_h);
+  }
+  const std::array<const at::Tensor*, 4> weights = {&w1, &w2, b1 ? &*b1 : nullptr,
+                                                    b2 ? &*b2 : nullptr};
+  for (int i = 0; i < 4; ++i) {
+    if (!grads[i]) continue;
+    const bool is_bias = i >= 2;
+    if (!s.lr) {
+      r.grads[i] = is_bias ? at::mul(*grads[i], scale).to(x.scalar_type()) : *grads[i];
+    } else {
+      // In place: w += alpha * grad, computed in the weight's opmath type (a float32 bias sum
+      // into a 16-bit bias is cast inside the kernel, without a temporary).
+      const_cast<at::Tensor&>(*weights[i]).add_(*grads[i], is_bias ? -*s.lr * scale : -*s.lr);
+    }
   }
   return r;
 }
@@ -207,6 +221,12 @@ at::Tensor sgd_step(const at::Tensor& x, const at::Tensor& target, const at::Ten
   const Dims d = check_sgd_step_args(x, target, w1, w2, b1, b2, lr);
   FusedStep s;
   s.mean = parse_reduction(op, reduction) == Reduction::Mean;
+  // The updates' alphas (-lr, and -lr / n for a mean's bias) are converted to the weights'
+  // opmath type, float for float32/float16/bfloat16, which raises for a value beyond its range:
+  // refuse such an lr here, before anything runs (fused_step then cannot fail after an update).
+  TORCH_CHECK_VALUE(x.scalar_type() == at::kDouble || lr <= std::numeric_limits<float>::max(), op,
+                    ": lr must fit in float32, the arithmetic type of ", x.scalar_type(),
+                    " weights, got ", lr);
   const c10::cuda::CUDAGuard guard(cuda_device_of(op, "x", x));
   // A frozen weight (update false) gets neither its gradient GEMM nor an update.
   s.weights = {update[0], update[1], update[2] && b1.has_value(), update[3] && b2.has_value()};
