@@ -1,9 +1,9 @@
 // Autocast for the public ops, as torch's own autocast kernels (ATen/autocast_mode.h) do it
-// for the modules they replace: two_layer and two_layer_l2_loss run in the autocast dtype
-// (the lower-precision policy of linear/addmm, as nn.Linear), l2_loss in float32 (the fp32
-// policy of mse_loss, as nn.MSELoss), and both losses come back in float32. Each kernel casts the floating tensor arguments (not
-// float64 ones, and not tensors on another device type, as autocast leaves those alone), then
-// calls the op again with the autocast key excluded, so it reaches autograd (which records the
+// for the modules they replace: two_layer runs in the autocast dtype (the lower-precision
+// policy of linear/addmm, as nn.Linear), l2_loss in float32 (the fp32 policy of mse_loss, as
+// nn.MSELoss), and two_layer_l2_loss is those two, so both losses are float32 throughout.
+// Each kernel casts the floating tensor arguments (not float64 ones, and not tensors on
+// another device type, as autocast leaves those alone), then calls the op again with the autocast key excluded, so it reaches autograd (which records the
 // casts) and the device kernels. sgd_step has none: it updates its weights in place, and a
 // cast copy would be updated instead; it runs in its arguments' dtype, like torch.optim.
 #include <ATen/autocast_mode.h>
@@ -50,20 +50,15 @@ at::Tensor l2_loss_autocast(const at::Tensor& pred, const at::Tensor& target,
                                                   reduction);
 }
 
+// The loss of two_layer + l2_loss under autocast, as nn.Linear + nn.MSELoss: the prediction in
+// the autocast dtype, the loss computed, accumulated and returned in float32 against the
+// target as given (the fused kernel would round the loss and the target to the autocast dtype).
 template <c10::DeviceType dev>
 at::Tensor two_layer_l2_loss_autocast(const at::Tensor& x, const at::Tensor& target,
                                       const at::Tensor& w1, const at::Tensor& w2,
                                       const OptTensor& b1, const OptTensor& b2,
                                       c10::string_view reduction) {
-  using Sig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                         const at::Tensor&, const OptTensor&, const OptTensor&, c10::string_view);
-  const at::Tensor loss = cast_and_call<dev, Policy::LowerPrecision, Sig>(
-      "twolayer_ext::two_layer_l2_loss", x, target, w1, w2, b1, b2, reduction);
-  // Returned in float32, as the loss of two_layer + l2_loss (or nn.MSELoss) is under autocast;
-  // its value carries the autocast dtype's rounding.
-  return loss.scalar_type() == at::autocast::get_lower_precision_fp_from_device_type(dev)
-             ? loss.to(at::kFloat)
-             : loss;
+  return l2_loss_autocast<dev>(two_layer_autocast<dev>(x, w1, w2, b1, b2), target, reduction);
 }
 
 }  // namespace

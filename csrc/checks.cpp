@@ -1,11 +1,15 @@
 #include "checks.h"
 
 #include <ATen/MemoryOverlap.h>
+#include <c10/core/InferenceMode.h>
 #include <c10/core/ScalarType.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <sstream>
 #include <utility>
 #include <vector>
@@ -17,6 +21,15 @@ std::string shape_str(at::IntArrayRef s) {
   std::ostringstream os;
   os << s;
   return os.str();
+}
+
+double max_finite(at::ScalarType dt) {
+  switch (dt) {
+    case at::kFloat: return std::numeric_limits<float>::max();
+    case at::kHalf: return double(std::numeric_limits<c10::Half>::max());
+    case at::kBFloat16: return double(std::numeric_limits<c10::BFloat16>::max());
+    default: return std::numeric_limits<double>::max();
+  }
 }
 }  // namespace
 
@@ -60,6 +73,10 @@ Dims check_two_layer_args(const char* op, const at::Tensor& x, const at::Tensor&
                     "-D of shape ", shape_str(w1.sizes()));
   TORCH_CHECK_VALUE(w2.dim() == 2, op, ": w2 must be a 2-D tensor [H, D_out], got ", w2.dim(),
                     "-D of shape ", shape_str(w2.sizes()));
+  // A model's dtype is its weights': an input of another dtype is the input's fault (as
+  // nn.Linear says), so x is named against w1.
+  TORCH_CHECK_TYPE(x.scalar_type() == w1.scalar_type(), op, ": x must have the same dtype as w1 (",
+                   w1.scalar_type(), "), got ", x.scalar_type());
   check_like(op, "w1", w1, "x", x);
   check_like(op, "w2", w2, "x", x);
   const Dims d{x.size(0), x.size(1), w1.size(1), w2.size(1)};
@@ -208,6 +225,18 @@ Dims check_sgd_step_args(const at::Tensor& x, const at::Tensor& target, const at
   constexpr const char* op = "sgd_step";
   const Dims d = check_two_layer_l2_loss_args(x, target, w1, w2, b1, b2, op);
   TORCH_CHECK_VALUE(std::isfinite(lr) && lr >= 0, op, ": lr must be a finite number >= 0, got ", lr);
+  // The update computes lr * grad in the weights' dtype: an lr that dtype cannot hold is
+  // refused before anything is written, as torch.optim refuses it.
+  const double lr_max = max_finite(w1.scalar_type());
+  TORCH_CHECK_VALUE(lr <= lr_max, op, ": lr must be at most ", lr_max, " (the largest ",
+                    w1.scalar_type(), " value, the weights' dtype), got ", lr);
+  const std::pair<const char*, const at::Tensor*> weights[] = {
+      {"w1", &w1}, {"w2", &w2}, {"b1", b1 ? &*b1 : nullptr}, {"b2", b2 ? &*b2 : nullptr}};
+  for (const auto& [name, w] : weights)
+    TORCH_CHECK(w == nullptr || !w->is_inference() || c10::InferenceMode::is_enabled(), op, ": ",
+                name, " is an inference tensor (made under torch.inference_mode()); an in-place "
+                "update to it outside InferenceMode is not allowed (as torch refuses it): update "
+                "it inside torch.inference_mode(), or clone it outside first");
   const at::Tensor* pb1 = b1 ? &*b1 : nullptr;
   const at::Tensor* pb2 = b2 ? &*b2 : nullptr;
   check_writable_and_disjoint(op, "w1", w1, {{"x", &x}, {"target", &target}, {"w2", &w2},

@@ -18,6 +18,7 @@
 #include <optional>
 #include <vector>
 
+#include "../loss_value.h"
 #include "cpu_impl.h"
 #include "tuning.h"
 
@@ -172,7 +173,7 @@ FusedResult fused_step(const Dims& d, const at::Tensor& x, const at::Tensor& tar
   // y becomes grad_y in place (each element read before it is written).
   const double total = squared_error(y, *target.expect_contiguous(),
                                      need_grad_y ? OptTensor(y) : std::nullopt, 2.0);
-  r.loss.fill_(s.mean ? total / n : total);  // the mean of nothing: 0 / 0 = NaN
+  r.loss.fill_(loss_value(s.mean ? total / n : total, r.loss.scalar_type()));  // the mean of nothing: 0 / 0 = NaN
   if (!need_grad_y) return r;
   const at::Tensor& gy = y;
   // n = 0: every gradient is an empty sum, 0; scale 1 keeps alpha finite there.
@@ -239,7 +240,7 @@ std::tuple<at::Tensor, OptTensor> l2_loss_fwd(const at::Tensor& pred, const at::
   const double n = static_cast<double>(pred.numel());
   const bool mean = r == Reduction::Mean;
   const double total = squared_error(*p, *t, grad, mean ? 2.0 / n : 2.0);
-  loss.fill_(mean ? total / n : total);  // the mean of nothing is NaN, as nn.MSELoss
+  loss.fill_(loss_value(mean ? total / n : total, loss.scalar_type()));  // the mean of nothing is NaN, as nn.MSELoss
   return {loss, grad};
 }
 

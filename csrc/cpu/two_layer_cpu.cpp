@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "../kernels.h"
+#include "../loss_value.h"
 #include "cpu_impl.h"
 #include "lowp_cpu.h"
 #include "pool.h"
@@ -151,7 +152,7 @@ std::tuple<at::Tensor, OptTensor> l2_loss_fwd(const at::Tensor& pred, const at::
     const double total = squared_error_sum<scalar_t>(
         p->data_ptr<scalar_t>(), t->data_ptr<scalar_t>(),
         need_grad ? grad->data_ptr<scalar_t>() : nullptr, scalar_t(2.0 * scale), n);
-    loss.fill_(r == Reduction::Mean ? total / double(n) : total);
+    loss.fill_(loss_value(r == Reduction::Mean ? total / double(n) : total, pred.scalar_type()));
   });
   return {loss, grad};
 }
@@ -186,7 +187,8 @@ FusedLossGrads two_layer_l2_loss_fwd(const at::Tensor& x, const at::Tensor& targ
                         ptr_or_null<T>(grad_x), ptr_or_null<T>(grad_target),
                         store_into<T>(grad_w1), store_into<T>(grad_w2), store_into<T>(grad_b1),
                         store_into<T>(grad_b2)};
-    loss.fill_(variant_for(d, c10::CppTypeToScalarType<T>::value).kernels<T>().step(s));
+    loss.fill_(loss_value(variant_for(d, c10::CppTypeToScalarType<T>::value).kernels<T>().step(s),
+                          x.scalar_type()));
   });
   return {loss, grad_x, grad_target, grad_w1, grad_w2, grad_b1, grad_b2};
 }
@@ -208,7 +210,8 @@ at::Tensor sgd_step(const at::Tensor& x, const at::Tensor& target, const at::Ten
                         update_in_place<T>(w2, update_w2, T(lr)),
                         update_in_place<T>(b1, update_b1, T(lr)),
                         update_in_place<T>(b2, update_b2, T(lr))};
-    loss.fill_(variant_for(d, c10::CppTypeToScalarType<T>::value).kernels<T>().step(s));
+    loss.fill_(loss_value(variant_for(d, c10::CppTypeToScalarType<T>::value).kernels<T>().step(s),
+                          x.scalar_type()));
   });
   return loss;
 }
