@@ -18,6 +18,7 @@
 #include <ATen/ops/neg.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/VariableTypeUtils.h>
 #include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
@@ -45,6 +46,21 @@ c10::TypedOperatorHandle<Sig> op(const char* name) {
 
 bool needs_grad(const at::Tensor& t) { return t.defined() && t.requires_grad(); }
 bool needs_grad(const OptTensor& t) { return t && t->requires_grad(); }
+
+bool has_tangent(const at::Tensor& t) { return t.defined() && t._fw_grad(/*level=*/0).defined(); }
+bool has_tangent(const OptTensor& t) { return t && has_tangent(*t); }
+
+// No forward-mode formula: a tangent (torch.func.jvp, jacfwd, hessian, forward_ad duals) is
+// refused with NotImplementedError, as torch refuses it for its own ops without one, rather
+// than dropped (which would give zero derivatives).
+template <typename... Inputs>
+void refuse_forward_ad(const char* public_name, const Inputs&... inputs) {
+  TORCH_CHECK_NOT_IMPLEMENTED(!(has_tangent(inputs) || ...),
+                              "twolayer_ext: forward-mode AD (torch.func.jvp, jacfwd, hessian, "
+                              "torch.autograd.forward_ad) through ", public_name,
+                              " is not implemented; use reverse mode (backward, torch.func.grad, "
+                              "vjp, jacrev), or the torch reference for forward mode");
+}
 
 // Calls below autograd: the backend (or Python/fake) kernel of a forward op.
 template <typename F>
@@ -95,6 +111,7 @@ struct TwoLayerBackward : Node {
 at::Tensor two_layer_autograd(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
                               const OptTensor& b1, const OptTensor& b2) {
   TWOLAYER_OP(fwd, "two_layer_fwd", TwoLayerFwdSig);
+  refuse_forward_ad("two_layer", x, w1, w2, b1, b2);
   auto [y, act] = below_autograd([&] { return fwd.call(x, w1, w2, b1, b2); });
   const std::array<bool, 5> mask{needs_grad(x), needs_grad(w1), needs_grad(w2), needs_grad(b1),
                                  needs_grad(b2)};
@@ -159,6 +176,7 @@ struct ScaleSavedGrads : Node {
 at::Tensor l2_loss_autograd(const at::Tensor& pred, const at::Tensor& target,
                             c10::string_view reduction) {
   TWOLAYER_OP(fwd, "l2_loss_fwd", L2LossFwdSig);
+  refuse_forward_ad("l2_loss", pred, target);
   const bool need_pred = needs_grad(pred), need_target = needs_grad(target);
   const bool grad = c10::GradMode::is_enabled() && (need_pred || need_target);
   auto [loss, g] = below_autograd([&] { return fwd.call(pred, target, reduction, grad); });
@@ -183,6 +201,7 @@ at::Tensor two_layer_l2_loss_autograd(const at::Tensor& x, const at::Tensor& tar
                                       const OptTensor& b1, const OptTensor& b2,
                                       c10::string_view reduction) {
   TWOLAYER_OP(fwd, "two_layer_l2_loss_fwd", FusedLossFwdSig);
+  refuse_forward_ad("two_layer_l2_loss", x, target, w1, w2, b1, b2);
   std::array<bool, 6> mask{needs_grad(x), needs_grad(target), needs_grad(w1),
                            needs_grad(w2), needs_grad(b1), needs_grad(b2)};
   if (!c10::GradMode::is_enabled()) mask.fill(false);
@@ -253,20 +272,92 @@ at::Tensor l2_loss_bwd_autograd(const at::Tensor& grad_loss, const at::Tensor& g
   return out;
 }
 
-// The kernel ops are internal (differentiate through the public ops): called directly on
-// tensors that require grad, they compute below autograd, without history, as under no_grad
-// (and sgd_step updates leaf parameters in place, as an optimizer does).
-void below_autograd_boxed(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
-                          torch::jit::Stack* stack) {
-  at::AutoDispatchBelowADInplaceOrView guard;
-  op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+// The forward kernel ops are internal: differentiate through the public ops. Reached by
+// autograd only when called directly, or from an outer torch.func transform differentiating
+// a gradient (grad of grad, jacrev of jacrev): they compute below autograd, and an output of
+// inputs that require grad gets a node that refuses backward, so a derivative through them
+// is an error, never silently zero.
+struct NoDerivative : Node {
+  std::string op_name;
+  std::string name() const override { return "NoDerivative"; }
+  variable_list apply(variable_list&&) override {
+    TORCH_CHECK(false, "twolayer_ext: ", op_name, " has no derivative formula: it is the kernel "
+                "behind the public ops, which differentiate once. Higher-order derivatives "
+                "(double backward, hessian, torch.func.grad of grad, jacrev of jacrev) through "
+                "twolayer_ext are not supported; use the torch reference implementation");
+  }
+};
+
+void kernel_op_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                        torch::jit::Stack* stack) {
+  const auto n_in = op.schema().arguments().size();
+  std::vector<at::Tensor> inputs;
+  for (auto it = stack->end() - n_in; it != stack->end(); ++it) {
+    if (it->isTensor()) inputs.push_back(it->toTensor());
+  }
+  const std::string name = op.schema().name();
+  for (const auto& t : inputs) refuse_forward_ad(name.c_str(), t);
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+  }
+  if (!c10::GradMode::is_enabled()) return;
+  torch::autograd::edge_list edges;
+  bool any = false;
+  for (const auto& t : inputs) {
+    any = any || needs_grad(t);
+    edges.push_back(torch::autograd::impl::gradient_edge(t));
+  }
+  if (!any) return;
+  auto node = make_node<NoDerivative>(std::move(edges));
+  node->op_name = name;
+  const auto n_out = op.schema().returns().size();
+  for (auto it = stack->end() - n_out; it != stack->end(); ++it)
+    if (it->isTensor() && it->toTensor().is_floating_point())
+      torch::autograd::set_history(it->toTensor(), node);
+}
+
+// sgd_step updates its weights as an optimizer does, below autograd (under no_grad from
+// Python), through the ADInplaceOrView kernel below.
+void sgd_step_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                       torch::jit::Stack* stack) {
+  at::AutoDispatchBelowAutograd guard;
+  op.redispatchBoxed(keys & c10::after_autograd_keyset, stack);
+}
+
+// Bumps the version counter of each weight it updated, as every in-place op does (also inside
+// inference_mode, for normal tensors), so a graph that saved a weight before the step refuses
+// to backpropagate through the new values ("modified by an inplace operation").
+at::Tensor sgd_step_inplace(c10::DispatchKeySet keys, const at::Tensor& x, const at::Tensor& target,
+                            const at::Tensor& w1, const at::Tensor& w2, const OptTensor& b1,
+                            const OptTensor& b2, double lr, c10::string_view reduction,
+                            std::array<bool, 4> update) {
+  using Sig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                         const at::Tensor&, const OptTensor&, const OptTensor&, double,
+                         c10::string_view, std::array<bool, 4>);
+  TWOLAYER_OP(step, "sgd_step", Sig);
+  at::Tensor loss;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    loss = step.redispatch(keys & c10::after_ADInplaceOrView_keyset, x, target, w1, w2, b1, b2,
+                           lr, reduction, update);
+  }
+  const std::array<const at::Tensor*, 4> weights{&w1, &w2, b1 ? &*b1 : nullptr, b2 ? &*b2 : nullptr};
+  for (size_t i = 0; i < weights.size(); ++i)
+    if (weights[i] && update[i]) torch::autograd::increment_version(*weights[i]);
+  return loss;
 }
 
 }  // namespace
 
+TORCH_LIBRARY_IMPL(twolayer_ext, ADInplaceOrView, m) {
+  m.impl("sgd_step", &sgd_step_inplace);
+}
+
 TORCH_LIBRARY_IMPL(twolayer_ext, Autograd, m) {
-  for (const char* name : {"two_layer_fwd", "l2_loss_fwd", "two_layer_l2_loss_fwd", "sgd_step"})
-    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&below_autograd_boxed>());
+  for (const char* name : {"two_layer_fwd", "l2_loss_fwd", "two_layer_l2_loss_fwd"})
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&kernel_op_autograd>());
+  m.impl("sgd_step", torch::CppFunction::makeFromBoxedFunction<&sgd_step_autograd>());
   m.impl("two_layer", &two_layer_autograd);
   m.impl("l2_loss", &l2_loss_autograd);
   m.impl("two_layer_l2_loss", &two_layer_l2_loss_autograd);

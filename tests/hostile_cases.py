@@ -18,7 +18,7 @@ test reports it as an expected failure, and fails once it passes, so the mark ge
 import json
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
@@ -96,7 +96,7 @@ def public_rank_msg(fn, name):
     if name == "x":
         return rf"{fn}: x must have at least one dimension \[\*, D_in\]"
     if name == "target":
-        return rf"{fn}: target must have shape \[\*, D_out\] with the leading dimensions of x"
+        return rf"{fn}: target must have shape \[\*, D_out\] = \[{N}, {D_OUT}\] \(x's leading dimensions"
     return rank_msg(fn, name)
 
 
@@ -145,7 +145,8 @@ for kind, fn in (("public", "two_layer"), ("op", "two_layer")):
              ValueError, msg)
         case(f"{pre}/{name}/float32-vs-float64",
              two_layer_call(kind, **{name: (lambda n=name: t(*SHAPES[n], dtype=torch.float32))}),
-             TypeError, rf"{fn}: w1 must have the same dtype as x" if name == "x"
+             TypeError, rf"{fn}: x must have the same dtype as w1 \(Double\), got Float" if name == "x"
+             else rf"{fn}: x must have the same dtype as w1 \(Float\), got Double" if name == "w1"
              else rf"{fn}: {name} must have the same dtype as x \(Double\), got Float")
         case(f"{pre}/{name}/meta-device",
              two_layer_call(kind, **{name: (lambda n=name: t(*SHAPES[n], device="meta"))}),
@@ -162,7 +163,8 @@ for kind, fn in (("public", "two_layer"), ("op", "two_layer")):
     for name in ("w1", "b2"):
         case(f"{pre}/{name}/int64-with-float-x",
              two_layer_call(kind, **{name: (lambda n=name: t(*SHAPES[n]).long())}),
-             TypeError, rf"{fn}: {name} must have the same dtype as x")
+             TypeError, rf"{fn}: x must have the same dtype as w1 \(Long\), got Double" if name == "w1"
+             else rf"{fn}: {name} must have the same dtype as x")
 
 for name in ("x", "w1", "w2", "b1", "b2"):
     for what, value in NON_TENSORS:
@@ -348,7 +350,8 @@ for kind in ("public", "op"):
              ValueError, msg)
         case(f"{pre}/{name}/float32-vs-float64",
              sgd_call(kind, **{name: (lambda n=name: t(*SHAPES[n], dtype=torch.float32))}),
-             TypeError, r"sgd_step: w1 must have the same dtype as x" if name == "x"
+             TypeError, r"sgd_step: x must have the same dtype as w1 \(Double\)" if name == "x"
+             else r"sgd_step: x must have the same dtype as w1 \(Float\)" if name == "w1"
              else rf"sgd_step: {name} must have the same dtype as x")
         case(f"{pre}/{name}/meta-device",
              sgd_call(kind, **{name: (lambda n=name: t(*SHAPES[n], device="meta"))}),
@@ -445,7 +448,7 @@ for arg in ("D_in", "H", "D_out"):
 case("TwoLayerNet.forward/x/size", lambda: tl.TwoLayerNet(3, 5, 2)(torch.randn(4, 7)), ValueError,
      r"two_layer: w1 must have shape \[D_in, H\] with D_in = 7 \(x\.size\(1\)\)")
 case("TwoLayerNet.forward/x/float64", lambda: tl.TwoLayerNet(3, 5, 2)(t(4, 3)), TypeError,
-     r"two_layer: w1 must have the same dtype as x \(Double\), got Float")
+     r"two_layer: x must have the same dtype as w1 \(Float\), got Double")
 case("TwoLayerNet.forward/x/list", lambda: tl.TwoLayerNet(3, 5, 2)([[1.0, 2.0, 3.0]]), TypeError,
      r"two_layer: x must be a torch\.Tensor, got list")
 case("TwoLayerNet.forward/x/meta", lambda: tl.TwoLayerNet(3, 5, 2)(torch.randn(4, 3, device="meta")),

@@ -107,7 +107,7 @@ BAD_TWO_LAYER = [
     ("x", torch.ones(4, 3, dtype=torch.int64), TypeError, "x must be float32, float64, float16 or bfloat16 on cpu, got Long"),
     ("x", torch.ones(4, 3, dtype=torch.bool), TypeError, "x must be float32, float64, float16 or bfloat16 on cpu, got Bool"),
     ("x", torch.ones(4, 3, dtype=torch.complex64), TypeError, "x must be float32, float64, float16 or bfloat16"),
-    ("w1", f64(3, 5).float(), TypeError, r"w1 must have the same dtype as x \(Double\)"),
+    ("w1", f64(3, 5).float(), TypeError, r"x must have the same dtype as w1 \(Float\), got Double"),
     ("w2", f64(5, 2).float(), TypeError, "w2 must have the same dtype as x"),
     ("b1", f64(5).float(), TypeError, "b1 must have the same dtype as x"),
     ("b2", f64(2).float(), TypeError, "b2 must have the same dtype as x"),

@@ -235,8 +235,8 @@ def test_every_cpu_variant_runs_the_same_low_precision_path():
 
 def test_mixed_dtypes_are_refused_by_name():
     x = torch.ones(4, 3, dtype=torch.bfloat16)
-    with pytest.raises(TypeError, match=r"two_layer: w1 must have the same dtype as x "
-                                        r"\(BFloat16\), got Half"):
+    with pytest.raises(TypeError, match=r"two_layer: x must have the same dtype as w1 "
+                                        r"\(Half\), got BFloat16"):
         tl.two_layer(x, torch.ones(3, 5, dtype=torch.float16), torch.ones(5, 2, dtype=torch.bfloat16))
 
 
@@ -288,6 +288,22 @@ def test_autocast_runs_in_the_autocast_dtype_like_nn_sequential(bias, device):
     assert loss.dtype == loss_seq.dtype == torch.float32  # mse_loss's fp32 policy
     assert fused.dtype == torch.float32
     assert net.w1.dtype == torch.float32  # the parameters themselves are untouched
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_autocast_fused_loss_accumulates_in_float32(reduction, device):
+    """The fused loss under autocast is nn.MSELoss's: the prediction in the autocast dtype, the
+    loss summed in float32 against the float32 target (not rounded to the autocast dtype)."""
+    torch.manual_seed(0)
+    net = tl.TwoLayerNet(64, 64, 16, device=device)
+    x, target = torch.randn(128, 64, device=device), 5 * torch.randn(128, 16, device=device)
+    with torch.autocast(device, dtype=autocast_dtype(device)):
+        fused, pred = net.loss(x, target, reduction), net(x)
+    want = nn.functional.mse_loss(pred.float(), target, reduction=reduction)
+    torch.testing.assert_close(fused, want, rtol=1e-6, atol=0)
+    if device == "cuda":  # a sum above float16's range stays finite
+        with torch.autocast(device, dtype=torch.float16):
+            assert torch.isfinite(net.loss(x, 1000 * target))
 
 
 @pytest.mark.parametrize("path", ["two_layer+l2_loss", "fused"])

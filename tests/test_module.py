@@ -18,8 +18,8 @@ def test_sequential_round_trip(bias):
 
     net(x).pow(2).sum().backward()
     seq(x).pow(2).sum().backward()
-    torch.testing.assert_close(net.w1.grad, seq[0].weight.grad.t())
-    torch.testing.assert_close(net.w2.grad, seq[2].weight.grad.t())
+    torch.testing.assert_close(net.weight1.grad, seq[0].weight.grad)
+    torch.testing.assert_close(net.weight2.grad, seq[2].weight.grad)
     if bias:
         torch.testing.assert_close(net.b1.grad, seq[0].bias.grad)
         torch.testing.assert_close(net.b2.grad, seq[2].bias.grad)
@@ -35,11 +35,14 @@ def test_sequential_round_trip(bias):
 
 def test_module_basics():
     net = tl.TwoLayerNet(4, 6, 2)
-    assert [n for n, _ in net.named_parameters()] == ["w1", "w2", "b1", "b2"]
+    # nn.Sequential(Linear, ReLU, Linear)'s order and layout; w1, w2 the tutorial's views
+    assert [(n, tuple(p.shape)) for n, p in net.named_parameters()] == [
+        ("weight1", (6, 4)), ("bias1", (6,)), ("weight2", (2, 6)), ("bias2", (2,))]
     assert net.w1.shape == (4, 6) and net.w2.shape == (6, 2)
+    assert net.w1.data_ptr() == net.weight1.data_ptr() and net.b1 is net.bias1
     assert "D_in=4, H=6, D_out=2, bias=True" in repr(net)
     assert net(torch.randn(3, 4)).shape == (3, 2)
-    assert [n for n, _ in tl.TwoLayerNet(4, 6, 2, bias=False).named_parameters()] == ["w1", "w2"]
+    assert [n for n, _ in tl.TwoLayerNet(4, 6, 2, bias=False).named_parameters()] == ["weight1", "weight2"]
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -57,5 +60,5 @@ def test_load_state_dict_takes_a_sequential_checkpoint(bias):
     torch.testing.assert_close(seq2(x), seq(x))
     # our own state dict still loads, and a wrong width names the parameter
     tl.TwoLayerNet(6, 5, 2, bias=bias).load_state_dict(net.state_dict())
-    with pytest.raises(RuntimeError, match="size mismatch for w2"):
+    with pytest.raises(RuntimeError, match="size mismatch for weight2"):
         tl.TwoLayerNet(6, 5, 3, bias=bias).load_state_dict(seq.state_dict())

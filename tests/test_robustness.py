@@ -365,12 +365,12 @@ def large_helper():
     p_np[5], p_np[(1 << 31) + 3], t_np[big - 1] = 1.0, 3.0, -2.0
     pred, target = torch.from_numpy(p_np), torch.from_numpy(t_np)
 
-    def loss_sum():
+    def loss_sum(pred=pred, target=target):
         got = tl.l2_loss(pred, target).item()
         return "ok" if got == 14.0 else f"WRONG: sum {got}, expected 14"
 
     attempt("l2_loss sum, 2^31+64 elements", loss_sum)
-    del pred, target, p_np, t_np
+    del pred, target, p_np, t_np, loss_sum
 
     # two_layer forward with x [2, 2^30 + 1] (2^31 + 2 elements), planted past index 2^31
     d_in = (1 << 30) + 1

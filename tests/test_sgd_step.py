@@ -27,10 +27,11 @@ def test_leaf_parameters_and_no_grad():
     net.sgd_step(x, y, lr=0.1)  # leaf params with requires_grad: fine, like optimizer.step()
     with torch.no_grad():
         net.sgd_step(x, y, lr=0.1)
-    assert net.w1.grad is None
+    assert net.weight1.grad is None
 
 
-@pytest.mark.parametrize("frozen", [("w1",), ("b2",), ("w1", "b2"), ("w1", "w2", "b1", "b2")])
+@pytest.mark.parametrize("frozen", [("weight1",), ("bias2",), ("weight1", "bias2"),
+                                    ("weight1", "weight2", "bias1", "bias2")])
 def test_frozen_weights_are_not_touched(frozen, device):
     """requires_grad=False freezes a parameter: sgd_step neither computes its gradient nor
     updates it, and the others move exactly as autograd + SGD on the unfrozen ones (on the CPU),

@@ -5,7 +5,6 @@ same batch order without talking to the others.
 """
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from . import reference as R

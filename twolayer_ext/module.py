@@ -12,13 +12,20 @@ from .ops import _sgd_step, two_layer, two_layer_l2_loss
 
 
 class TwoLayerNet(nn.Module):
-    """y = relu(x @ w1 + b1) @ w2 + b2 with w1 [D_in, H], w2 [H, D_out] (the tutorial's layout).
+    """y = relu(x @ w1 + b1) @ w2 + b2, interchangeable with
+    nn.Sequential(nn.Linear(D_in, H), nn.ReLU(), nn.Linear(H, D_out)).
 
-    Initialised like nn.Linear (uniform in ±1/sqrt(fan_in)). nn.Linear stores weight^T, so
-    from_sequential/to_sequential transpose; the values are moved exactly. load_state_dict
-    also takes an nn.Sequential(Linear, ReLU, Linear) state dict ("0.weight", "0.bias",
-    "2.weight", "2.bias"), transposing the weights; to go the other way, save
-    `net.to_sequential().state_dict()`.
+    The parameters are held as that nn.Sequential holds them, in its order and layout:
+    weight1 [H, D_in], bias1 [H], weight2 [D_out, H], bias2 [D_out]. So an optimizer state
+    saved from the nn.Sequential (Adam's moments, SGD's momentum) resumes here exactly, and
+    the other way round. w1 [D_in, H] and w2 [H, D_out] are the tutorial's layout: views
+    (weight1.t(), weight2.t()), which the ops read in place; b1 and b2 are bias1 and bias2.
+    Gradients land on the parameters (net.weight1.grad, net.bias1.grad).
+
+    Initialised like nn.Linear (uniform in ±1/sqrt(fan_in)). load_state_dict takes our state
+    dict, an nn.Sequential(Linear, ReLU, Linear) one ("0.weight", "0.bias", "2.weight",
+    "2.bias"), or one with the tutorial-layout keys w1, w2, b1, b2; to_sequential() gives the
+    nn.Sequential itself.
     """
 
     def __init__(self, D_in: int, H: int, D_out: int, bias: bool = True, *,
@@ -31,18 +38,37 @@ class TwoLayerNet(nn.Module):
                 raise ValueError(f"TwoLayerNet: {name} must be a positive int, got {value!r}")
         kw = {"device": device, "dtype": dtype}
         self.D_in, self.H, self.D_out = D_in, H, D_out
-        self.w1 = nn.Parameter(torch.empty(D_in, H, **kw))
-        self.w2 = nn.Parameter(torch.empty(H, D_out, **kw))
-        self.b1 = nn.Parameter(torch.empty(H, **kw)) if bias else None
-        self.b2 = nn.Parameter(torch.empty(D_out, **kw)) if bias else None
+        # Registration order is nn.Sequential's: an optimizer's state is keyed by it.
+        self.weight1 = nn.Parameter(torch.empty(H, D_in, **kw))
+        self.bias1 = nn.Parameter(torch.empty(H, **kw)) if bias else None
+        self.weight2 = nn.Parameter(torch.empty(D_out, H, **kw))
+        self.bias2 = nn.Parameter(torch.empty(D_out, **kw)) if bias else None
         self.reset_parameters()
-        self._register_load_state_dict_pre_hook(_accept_sequential_state_dict)
+        self._register_load_state_dict_pre_hook(_accept_other_layouts)
+
+    @property
+    def w1(self) -> Tensor:
+        """weight1 as the tutorial's [D_in, H] (a view)."""
+        return self.weight1.t()
+
+    @property
+    def w2(self) -> Tensor:
+        """weight2 as the tutorial's [H, D_out] (a view)."""
+        return self.weight2.t()
+
+    @property
+    def b1(self) -> Tensor | None:
+        return self.bias1
+
+    @property
+    def b2(self) -> Tensor | None:
+        return self.bias2
 
     def reset_parameters(self) -> None:
         """nn.Linear's initialisation: uniform in ±1/sqrt(fan_in), weights and biases."""
         with torch.no_grad():
-            for w, b in ((self.w1, self.b1), (self.w2, self.b2)):
-                bound = 1.0 / math.sqrt(w.shape[0]) if w.shape[0] > 0 else 0.0
+            for w, b in ((self.weight1, self.bias1), (self.weight2, self.bias2)):
+                bound = 1.0 / math.sqrt(w.shape[1]) if w.shape[1] > 0 else 0.0
                 w.uniform_(-bound, bound)
                 if b is not None:
                     b.uniform_(-bound, bound)
@@ -52,20 +78,23 @@ class TwoLayerNet(nn.Module):
         (self.loss), which is how DistributedDataParallel runs the fused loss: through forward."""
         if target is not None:
             return self.loss(x, target, reduction)
-        return two_layer(x, self.w1, self.w2, self.b1, self.b2)
+        return two_layer(x, self.w1, self.w2, self.bias1, self.bias2)
 
     def loss(self, x: Tensor, target: Tensor, reduction: str = "sum") -> Tensor:
         """l2_loss(self(x), target, reduction) in one fused op call, its gradients computed in
         the same call when autograd needs them (see twolayer_ext.two_layer_l2_loss): the fast
         route for loss.backward() with any torch.optim optimizer."""
-        return two_layer_l2_loss(x, target, self.w1, self.w2, self.b1, self.b2, reduction=reduction)
+        return two_layer_l2_loss(x, target, self.w1, self.w2, self.bias1, self.bias2,
+                                 reduction=reduction)
 
     def sgd_step(self, x: Tensor, target: Tensor, lr: float, reduction: str = "sum") -> Tensor:
         """One fused SGD step on this module's weights (see twolayer_ext.sgd_step); returns the
         loss before the update. Parameters with requires_grad=False are frozen: not touched."""
-        weights = (self.w1, self.w2, self.b1, self.b2)
-        update = [w is not None and w.requires_grad for w in weights]
-        return _sgd_step(x, target, *weights, lr, reduction, update)
+        params = (self.weight1, self.weight2, self.bias1, self.bias2)
+        update = [p is not None and p.requires_grad for p in params]
+        with torch.no_grad():  # the views are updated in place, as an optimizer updates
+            w1, w2 = self.weight1.t(), self.weight2.t()
+        return _sgd_step(x, target, w1, w2, self.bias1, self.bias2, lr, reduction, update)
 
     def extra_repr(self) -> str:
         return f"D_in={self.D_in}, H={self.H}, D_out={self.D_out}, bias={self.b1 is not None}"
@@ -89,41 +118,39 @@ class TwoLayerNet(nn.Module):
         w = lin1.weight
         net = cls(lin1.in_features, lin1.out_features, lin2.out_features,
                   bias=lin1.bias is not None, device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            net.w1.copy_(lin1.weight.t())
-            net.w2.copy_(lin2.weight.t())
-            if net.b1 is not None:
-                net.b1.copy_(lin1.bias)
-                net.b2.copy_(lin2.bias)
+        net.load_state_dict(seq.state_dict())
         return net
 
     def to_sequential(self) -> nn.Sequential:
         """An equal nn.Sequential(nn.Linear, nn.ReLU, nn.Linear) holding copies of the weights."""
-        kw = {"device": self.w1.device, "dtype": self.w1.dtype}
-        bias = self.b1 is not None
+        kw = {"device": self.weight1.device, "dtype": self.weight1.dtype}
+        bias = self.bias1 is not None
         seq = nn.Sequential(nn.Linear(self.D_in, self.H, bias=bias, **kw), nn.ReLU(),
                             nn.Linear(self.H, self.D_out, bias=bias, **kw))
-        with torch.no_grad():
-            seq[0].weight.copy_(self.w1.t())
-            seq[2].weight.copy_(self.w2.t())
-            if bias:
-                seq[0].bias.copy_(self.b1)
-                seq[2].bias.copy_(self.b2)
+        seq.load_state_dict({_SEQUENTIAL_KEYS[k]: v for k, v in self.state_dict().items()})
         return seq
 
 
-_SEQUENTIAL_KEYS = {"0.weight": "w1", "2.weight": "w2", "0.bias": "b1", "2.bias": "b2"}
+# Our parameter names -> nn.Sequential's keys (the same tensors, the same layout) and the
+# tutorial-layout keys (w1, w2 transposed).
+_SEQUENTIAL_KEYS = {"weight1": "0.weight", "bias1": "0.bias", "weight2": "2.weight", "bias2": "2.bias"}
+_TUTORIAL_KEYS = {"weight1": "w1", "bias1": "b1", "weight2": "w2", "bias2": "b2"}
 
 
-def _accept_sequential_state_dict(state_dict: Mapping[str, Any], prefix: str, *_args) -> None:
-    """load_state_dict pre-hook: an nn.Sequential(Linear, ReLU, Linear) state dict becomes
-    ours in place (weights transposed: nn.Linear stores [out, in]). A dict holding both
-    layouts, or neither, is left for load_state_dict to judge."""
-    present = {k for k in _SEQUENTIAL_KEYS if prefix + k in state_dict}
-    ours = {v for v in _SEQUENTIAL_KEYS.values() if prefix + v in state_dict}
-    if not present or ours:
+def _accept_other_layouts(state_dict: Mapping[str, Any], prefix: str, *_args) -> None:
+    """load_state_dict pre-hook: an nn.Sequential(Linear, ReLU, Linear) state dict, or one in
+    the tutorial's layout (w1 [D_in, H], ...), becomes ours in place. A dict mixing layouts, or
+    with none of them, is left for load_state_dict to judge."""
+    if any(prefix + k in state_dict for k in _SEQUENTIAL_KEYS):
         return
-    for seq_key, name in _SEQUENTIAL_KEYS.items():
-        if prefix + seq_key in state_dict:
-            value = state_dict.pop(prefix + seq_key)
-            state_dict[prefix + name] = value.t() if name in ("w1", "w2") else value
+    for keys, transpose in ((_SEQUENTIAL_KEYS, False), (_TUTORIAL_KEYS, True)):
+        if not any(prefix + k in state_dict for k in keys.values()):
+            continue
+        if any(prefix + k in state_dict for other in (_SEQUENTIAL_KEYS, _TUTORIAL_KEYS)
+               if other is not keys for k in other.values()):
+            return
+        for name, key in keys.items():
+            if prefix + key in state_dict:
+                value = state_dict.pop(prefix + key)
+                state_dict[prefix + name] = value.t() if transpose and name.startswith("weight") else value
+        return

@@ -43,14 +43,15 @@ def _unrows(y, lead):
     return y if lead is None else y.reshape(*lead, y.shape[-1])
 
 
-def _target_rows(fn, x, lead, target):
+def _target_rows(fn, x, lead, target, w2):
     """target [*, D_out] with the leading dimensions of x, as [N, D_out]."""
     if lead is None and target.dim() == 2:
         return target
-    x_lead = tuple(x.shape[:-1]) if lead is None else tuple(lead)
-    if target.dim() == 0 or tuple(target.shape[:-1]) != x_lead:
-        raise ValueError(f"{fn}: target must have shape [*, D_out] with the leading dimensions "
-                         f"of x {list(x_lead)}, got {list(target.shape)}")
+    x_lead = list(x.shape[:-1]) if lead is None else list(lead)
+    if target.dim() == 0 or list(target.shape[:-1]) != x_lead:
+        expected = x_lead + ([w2.shape[-1]] if isinstance(w2, Tensor) and w2.dim() == 2 else ["D_out"])
+        raise ValueError(f"{fn}: target must have shape [*, D_out] = {expected} (x's leading "
+                         f"dimensions, then D_out), got {list(target.shape)}")
     return target.reshape(-1, target.shape[-1])
 
 
@@ -98,7 +99,7 @@ def two_layer_l2_loss(x: Tensor, target: Tensor, w1: Tensor, w2: Tensor, b1: Ten
     _require_tensor("two_layer_l2_loss", "b2", b2, optional=True)
     _require_reduction("two_layer_l2_loss", reduction)
     x2, lead = _rows("two_layer_l2_loss", x)
-    t2 = _target_rows("two_layer_l2_loss", x, lead, target)
+    t2 = _target_rows("two_layer_l2_loss", x, lead, target, w2)
     return _ops.two_layer_l2_loss.default(x2, t2, w1, w2, b1, b2, reduction)
 
 
@@ -136,12 +137,16 @@ def cpu_kernel_info(shape: Sequence[int] | None = None, dtype: torch.dtype = tor
 
 @contextlib.contextmanager
 def use_cpu_kernel(name: str) -> Iterator[None]:
-    """with use_cpu_kernel("reference"): ...  (restores the previous choice on exit)"""
-    previous = set_cpu_kernel(name)
+    """with use_cpu_kernel("reference"): ...  The choice for the calling thread alone, as
+    torch's own context managers are thread-local (other threads keep theirs, or the
+    process-wide set_cpu_kernel choice); the previous one is restored on exit."""
+    if name not in CPU_KERNELS:
+        raise ValueError(f"use_cpu_kernel: name must be one of {CPU_KERNELS}, got {name!r}")
+    previous = _ops.set_cpu_kernel(name, True)
     try:
         yield
     finally:
-        set_cpu_kernel(previous)
+        _ops.set_cpu_kernel(previous, True)
 
 
 # ---- fake kernels: shapes, dtypes, devices and strides of the real ones -----------------------
@@ -149,26 +154,30 @@ def use_cpu_kernel(name: str) -> Iterator[None]:
 # The fake kernels check what the real ones check (same exception types and messages), so a
 # bad call fails the same way on meta tensors and under torch.compile as in eager mode.
 
+# dtypes as c10 names them in the real checks' messages ("Int", not "torch.int32").
+_C10_NAMES = {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half",
+              torch.bfloat16: "BFloat16", torch.int8: "Char", torch.uint8: "Byte",
+              torch.int16: "Short", torch.int32: "Int", torch.int64: "Long",
+              torch.bool: "Bool", torch.complex64: "ComplexFloat",
+              torch.complex128: "ComplexDouble"}
+
+
 def _fake_check_like(fn, name, t, ref_name, ref):
     torch._check(t.device == ref.device, lambda: (
         f"{fn}: {name} must be on the same device as {ref_name} ({ref.device}), got {t.device}"))
     torch._check_type(t.dtype == ref.dtype, lambda: (
-        f"{fn}: {name} must have the same dtype as {ref_name} ({ref.dtype}), got {t.dtype}"))
+        f"{fn}: {name} must have the same dtype as {ref_name} ({_C10_NAMES.get(ref.dtype, ref.dtype)}), "
+        f"got {_C10_NAMES.get(t.dtype, t.dtype)}"))
 
 
 def _fake_check_float(fn, name, t):
     # The real check's words (csrc/checks.cpp check_float): "on CUDA" for any CUDA device, and
     # the dtype as c10 names it ("Int", not "torch.int32"). The same four dtypes on every device.
     ok = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-    c10_names = {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half",
-                 torch.bfloat16: "BFloat16", torch.int8: "Char", torch.uint8: "Byte",
-                 torch.int16: "Short", torch.int32: "Int", torch.int64: "Long",
-                 torch.bool: "Bool", torch.complex64: "ComplexFloat",
-                 torch.complex128: "ComplexDouble"}
     where = "CUDA" if t.device.type == "cuda" else t.device
     torch._check_type(t.dtype in ok, lambda: (
         f"{fn}: {name} must be float32, float64, float16 or bfloat16 on {where}, "
-        f"got {c10_names.get(t.dtype, str(t.dtype))}"))
+        f"got {_C10_NAMES.get(t.dtype, str(t.dtype))}"))
 
 
 def _fake_check_rank(fn, name, t, layout):
@@ -181,6 +190,9 @@ def _fake_check_two_layer(fn, x, w1, w2, b1, b2):
     _fake_check_float(fn, "x", x)
     _fake_check_rank(fn, "w1", w1, "[D_in, H]")
     _fake_check_rank(fn, "w2", w2, "[H, D_out]")
+    torch._check_type(x.dtype == w1.dtype, lambda: (
+        f"{fn}: x must have the same dtype as w1 ({_C10_NAMES.get(w1.dtype, w1.dtype)}), "
+        f"got {_C10_NAMES.get(x.dtype, x.dtype)}"))
     _fake_check_like(fn, "w1", w1, "x", x)
     _fake_check_like(fn, "w2", w2, "x", x)
     torch._check_value(w1.shape[0] == x.shape[1], lambda: (
@@ -325,7 +337,7 @@ def _sgd_step(x, target, w1, w2, b1, b2, lr, reduction, update):
                     f"it in place would corrupt that graph. Pass the leaf parameter, or call "
                     f"under torch.no_grad() on tensors you own")
     x2, lead = _rows("sgd_step", x)
-    t2 = _target_rows("sgd_step", x, lead, target)
+    t2 = _target_rows("sgd_step", x, lead, target, w2)
     with torch.no_grad():
         return _ops.sgd_step.default(x2, t2, w1, w2, b1, b2, float(lr), reduction, update)
 
@@ -335,6 +347,10 @@ def _sgd_step_fake(x, target, w1, w2, b1, b2, lr, reduction, update):
     _fake_check_with_target("sgd_step", x, target, w1, w2, b1, b2)
     torch._check_value(lr >= 0 and lr != float("inf"), lambda: (
         f"sgd_step: lr must be a finite number >= 0, got {lr}"))
+    lr_max = torch.finfo(w1.dtype).max
+    torch._check_value(lr <= lr_max, lambda: (
+        f"sgd_step: lr must be at most {lr_max:g} (the largest {_C10_NAMES[w1.dtype]} value, "
+        f"the weights' dtype), got {lr:g}"))
     _require_reduction("sgd_step", reduction)
     return x.new_empty(())
 

@@ -387,6 +387,12 @@ def _net(args, torch_dtype, device):
                        device=device)
 
 
+def _tutorial_weights(model):
+    """What --save writes: {w1, w2[, b1, b2]} in the tutorial's layout, as every path saves."""
+    return {k: getattr(model, k).detach().contiguous() for k in ("w1", "w2", "b1", "b2")
+            if getattr(model, k) is not None}
+
+
 def _stepper(args, model, world):
     """step(x, y) -> the loss before the step (a float): the fused loss (gradients made in its
     forward) + backward + torch.optim.SGD, data-parallel under DDP."""
@@ -474,7 +480,7 @@ def run_digits(args, world, say):
         fig.tight_layout()
         return fig
 
-    return summary, plot, model.state_dict()
+    return summary, plot, _tutorial_weights(model)
 
 
 def run_random_ddp(args, world, say):
@@ -523,7 +529,7 @@ def run_random_ddp(args, world, say):
         fig.tight_layout()
         return fig
 
-    return summary, plot, model.state_dict()
+    return summary, plot, _tutorial_weights(model)
 
 
 # ---- entry point --------------------------------------------------------------------------------
