@@ -18,6 +18,7 @@
 #include <ATen/ops/neg.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/graph_task.h>
 #include <torch/csrc/autograd/VariableTypeUtils.h>
 #include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
@@ -144,6 +145,16 @@ struct RefuseDoubleBackward : Node {
   }
 };
 
+// A CPU tensor whose value can be read here: not a fake, functional, batched or wrapped one
+// (torch.compile, opcheck and torch.func trace through the node without values).
+bool plain_cpu(const at::Tensor& t) {
+  const c10::DispatchKeySet traced({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot,
+                                    c10::DispatchKey::Functionalize,
+                                    c10::DispatchKey::FuncTorchGradWrapper,
+                                    c10::DispatchKey::FuncTorchBatched});
+  return t.is_cpu() && !t.key_set().has_any(traced);
+}
+
 // grad_loss * each gradient saved by a loss's forward (pred's, then -pred's for target).
 struct ScaleSavedGrads : Node {
   std::string node_name;
@@ -156,6 +167,18 @@ struct ScaleSavedGrads : Node {
     TWOLAYER_OP(scale, "l2_loss_bwd", L2LossBwdSig);
     variable_list out(saved.size());
     if (!grads[0].defined()) return out;
+    // loss.backward() seeds 1: the saved gradients are the answer, unscaled. When the graph
+    // is freed after this backward they are handed over, not shared, so AccumulateGrad makes
+    // them .grad without a copy.
+    if (!c10::GradMode::is_enabled() && plain_cpu(grads[0]) && grads[0].numel() == 1 &&
+        grads[0].item<double>() == 1.0) {
+      const bool hand_over = !torch::autograd::get_current_graph_task_keep_graph();
+      for (size_t i = 0; i < saved.size(); ++i) {
+        out[i] = saved[i].unpack();
+        if (hand_over) saved[i].reset_data();
+      }
+      return out;
+    }
     for (size_t i = 0; i < saved.size(); ++i) {
       const at::Tensor g = saved[i].unpack();
       if (g.defined()) out[i] = scale.call(grads[0], g);
@@ -194,7 +217,7 @@ at::Tensor l2_loss_autograd(const at::Tensor& pred, const at::Tensor& target,
 
 using FusedLossFwdSig = FusedLossGrads(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                        const at::Tensor&, const OptTensor&, const OptTensor&,
-                                       c10::string_view, std::array<bool, 6>);
+                                       c10::string_view, std::array<bool, 6>, std::array<bool, 2>);
 
 at::Tensor two_layer_l2_loss_autograd(const at::Tensor& x, const at::Tensor& target,
                                       const at::Tensor& w1, const at::Tensor& w2,
@@ -205,7 +228,10 @@ at::Tensor two_layer_l2_loss_autograd(const at::Tensor& x, const at::Tensor& tar
   std::array<bool, 6> mask{needs_grad(x), needs_grad(target), needs_grad(w1),
                            needs_grad(w2), needs_grad(b1), needs_grad(b2)};
   if (!c10::GradMode::is_enabled()) mask.fill(false);
-  auto outs = below_autograd([&] { return fwd.call(x, target, w1, w2, b1, b2, reduction, mask); });
+  // Gradients in their weight's layout (kernels.h), so AccumulateGrad takes them as they are.
+  const std::array<bool, 2> transposed{transposed_layout(w1), transposed_layout(w2)};
+  auto outs = below_autograd(
+      [&] { return fwd.call(x, target, w1, w2, b1, b2, reduction, mask, transposed); });
   at::Tensor loss = std::get<0>(outs);
   if (!(mask[0] || mask[1] || mask[2] || mask[3] || mask[4] || mask[5])) return loss;
   auto node = make_node<ScaleSavedGrads>(
@@ -239,7 +265,7 @@ at::Tensor two_layer_l2_loss_plain(const at::Tensor& x, const at::Tensor& target
                                    const OptTensor& b1, const OptTensor& b2,
                                    c10::string_view reduction) {
   TWOLAYER_OP(fwd, "two_layer_l2_loss_fwd", FusedLossFwdSig);
-  return std::get<0>(fwd.call(x, target, w1, w2, b1, b2, reduction, {}));
+  return std::get<0>(fwd.call(x, target, w1, w2, b1, b2, reduction, {}, {}));
 }
 
 // ---- the backward ops: differentiable once, refused twice -----------------------------------

@@ -43,12 +43,23 @@ using FusedLossGrads =
                                        const at::Tensor& w1, const at::Tensor& w2,           \
                                        const OptTensor& b1, const OptTensor& b2,             \
                                        c10::string_view reduction,                          \
-                                       std::array<bool, 6> output_mask);                    \
+                                       std::array<bool, 6> output_mask,                     \
+                                       std::array<bool, 2> grad_transposed);                \
   /* Forward, loss, backward at the current weights, then w -= lr * grad in place for each \
      of w1, w2, b1, b2 present and set in `update`. Returns the loss before the update. */  \
   at::Tensor sgd_step(const at::Tensor& x, const at::Tensor& target, const at::Tensor& w1,   \
                       const at::Tensor& w2, const OptTensor& b1, const OptTensor& b2,        \
                       double lr, c10::string_view reduction, std::array<bool, 4> update);
+
+// A weight that is a transposed contiguous matrix (TwoLayerNet's w1, w2: views of its
+// nn.Linear-layout parameters): the fused loss asks for its gradient in that same layout
+// (two_layer_l2_loss_fwd's grad_transposed), so that autograd hands it to the parameter as it
+// is (AccumulateGrad copies a gradient whose strides differ from the parameter's). An explicit
+// flag, not the strides, decides the output layout: torch.compile may lay inputs out anew.
+inline bool transposed_layout(const at::Tensor& w) {
+  return w.dim() == 2 && w.size(0) > 1 && w.size(1) > 1 && w.stride(0) == 1 &&
+         w.stride(1) == w.size(0);
+}
 
 namespace cpu {
 TWOLAYER_DECLARE_OP_KERNELS

@@ -4,6 +4,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/tuner.h"
 #include "cpu/variants.h"
 #include "kernels.h"
 
@@ -36,16 +37,20 @@ TORCH_LIBRARY(twolayer_ext, m) {
   // grad_loss (0-dim) * grad: a loss's backward, an op of its own so that double backward fails loudly.
   m.def("l2_loss_bwd(Tensor grad_loss, Tensor grad) -> Tensor");
   // The fused loss and the gradients output_mask asks for, for (x, target, w1, w2, b1, b2).
+  // grad_transposed: grad_w1 / grad_w2 returned as the transpose of a row-major [H, D_in] /
+  // [D_out, H] (the layout of TwoLayerNet's nn.Linear parameters; kernels.h).
   m.def("two_layer_l2_loss_fwd(Tensor x, Tensor target, Tensor w1, Tensor w2, Tensor? b1,"
-        " Tensor? b2, str reduction, bool[6] output_mask) -> (Tensor loss, Tensor? grad_x,"
-        " Tensor? grad_target, Tensor? grad_w1, Tensor? grad_w2, Tensor? grad_b1, Tensor? grad_b2)");
+        " Tensor? b2, str reduction, bool[6] output_mask, bool[2] grad_transposed=[False, False])"
+        " -> (Tensor loss, Tensor? grad_x, Tensor? grad_target, Tensor? grad_w1, Tensor? grad_w2,"
+        " Tensor? grad_b1, Tensor? grad_b2)");
   // Forward, loss, backward and w -= lr * grad for each weight set in update (w1, w2, b1, b2),
   // in one call (weights mutated).
   m.def("sgd_step(Tensor x, Tensor target, Tensor(a!) w1, Tensor(b!) w2, Tensor(c!)? b1,"
         " Tensor(d!)? b2, float lr, str reduction, bool[4] update) -> Tensor loss");
-  // The CPU kernel variants (cpu/variants.h): the process-wide choice, and the table.
-  m.def("set_cpu_kernel(str name) -> str", [](c10::string_view name) {
-    return twolayer::cpu::set_kernel_variant(name);
+  // The CPU kernel variants (cpu/variants.h): the choice (process-wide or this thread's), and the table.
+  m.def("set_cpu_kernel(str name, bool this_thread=False) -> str",
+        [](c10::string_view name, bool this_thread) {
+    return twolayer::cpu::set_kernel_variant(name, this_thread);
   });
   m.def("cpu_kernel_info(int[]? dims=None, ScalarType dtype=float) -> str",
         [](at::OptionalIntArrayRef dims, c10::ScalarType dtype) {
@@ -56,6 +61,17 @@ TORCH_LIBRARY(twolayer_ext, m) {
       d = twolayer::Dims{(*dims)[0], (*dims)[1], (*dims)[2], (*dims)[3]};
     }
     return twolayer::cpu::kernel_info(d, dtype);
+  });
+  // Measures auto's choice for this problem now and remembers it (cpu/tuner.h); JSON.
+  m.def("cpu_kernel_tune(int[] dims, ScalarType dtype=float, bool full=False) -> str",
+        [](at::IntArrayRef dims, c10::ScalarType dtype, bool full) {
+    TORCH_CHECK_VALUE(dims.size() == 4, "tune: shape must be (N, D_in, H, D_out), got ", dims.size(),
+                      " numbers");
+    TORCH_CHECK_TYPE(dtype == c10::ScalarType::Float || dtype == c10::ScalarType::Double,
+                     "tune: dtype must be float32 or float64 (float16/bfloat16 have one path), got ",
+                     dtype);
+    for (int64_t v : dims) TORCH_CHECK_VALUE(v > 0, "tune: every size must be positive, got ", dims);
+    return twolayer::cpu::tuner::tune({dims[0], dims[1], dims[2], dims[3]}, dtype, full);
   });
   m.def("cpu_kernels() -> str[]", [] { return twolayer::cpu::kernel_names(); });
   m.def("cpu_kernel_missing(str name) -> str", [](c10::string_view name) {

@@ -2,6 +2,10 @@ import collections
 import contextlib
 import os
 
+# auto's measured picks stay in memory during the tests, unless a test asks for a file: the
+# user's wisdom file is never read or written by them.
+os.environ.setdefault("TWOLAYER_WISDOM", "off")
+
 import numpy as np
 import pytest
 import torch

@@ -203,3 +203,29 @@ def test_bad_input_names_the_argument():
         tl.two_layer_l2_loss(x, y, net.w1, net.w2, reduction="max")
     with pytest.raises(TypeError, match="two_layer_l2_loss: w2 must be a torch.Tensor"):
         tl.two_layer_l2_loss(x, y, net.w1, None)
+
+
+def test_backward_hands_the_saved_gradients_over_without_a_copy():
+    """loss.backward() seeds 1: the gradients made in the forward go to .grad as they are (no
+    scaling, no copy: they are in the parameters' own layout); retain_graph keeps them for a
+    second backward, and any other seed scales them."""
+    net, seq = pair()
+    x, y = torch.randn(10, 12, dtype=torch.float64), torch.randn(10, 4, dtype=torch.float64)
+    loss = net.loss(x, y)
+    with torch.profiler.profile() as prof:
+        loss.backward()
+    ran = {e.name for e in prof.events()}
+    assert not ran & {"aten::mul", "aten::clone", "aten::copy_", "twolayer_ext::l2_loss_bwd"}, ran
+    seq_loss(seq, x, y).backward()
+    assert_grads_match(net, seq)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.backward()
+    loss = net.loss(x, y)
+    loss.backward(retain_graph=True)  # shared with .grad, so copied there
+    loss.backward()  # the retained graph: the same gradients once more
+    for _ in range(2):
+        seq_loss(seq, x, y).backward()
+    assert_grads_match(net, seq)
+    (net.loss(x, y) * 0.5).backward()
+    (seq_loss(seq, x, y) * 0.5).backward()
+    assert_grads_match(net, seq)

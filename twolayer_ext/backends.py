@@ -21,7 +21,7 @@ from torch import nn
 
 from . import reference as R
 from .module import TwoLayerNet
-from .ops import CPU_KERNELS, l2_loss, set_cpu_kernel, sgd_step, use_cpu_kernel
+from .ops import CPU_KERNELS, cpu_kernel_info, l2_loss, set_cpu_kernel, sgd_step, use_cpu_kernel
 
 Arrays = Dict[str, Optional[np.ndarray]]
 
@@ -54,6 +54,7 @@ class Backend:
     dtypes: Optional[Tuple[torch.dtype, ...]] = None   # None: every dtype torch has
     trains: bool = True              # False: timed for reference, not a training step
     warmup_calls: int = 2            # calls before timing (compile needs a few)
+    ours: bool = False               # runs twolayer_ext's CPU kernels (a variant is chosen)
 
 
 class Spec(NamedTuple):
@@ -225,9 +226,9 @@ BACKENDS: Dict[str, Backend] = {b.name: b for b in (
     Backend("autograd", "autograd", build_autograd),
     Backend("module", "nn.Module", build_module, optimizers=_OPTIMIZERS),
     Backend("compile", "torch.compile", build_compile, warmup_calls=5),
-    Backend("ext_autograd", "two_layer+l2_loss", build_ext_autograd),
-    Backend("fused_loss", "fused loss", build_fused_loss, optimizers=_OPTIMIZERS),
-    Backend("sgd_step", "fused sgd_step", build_sgd_step, per_cpu_kernel=True),
+    Backend("ext_autograd", "two_layer+l2_loss", build_ext_autograd, ours=True),
+    Backend("fused_loss", "fused loss", build_fused_loss, optimizers=_OPTIMIZERS, ours=True),
+    Backend("sgd_step", "fused sgd_step", build_sgd_step, per_cpu_kernel=True, ours=True),
     Backend("gemm_floor", "GEMM floor", build_gemm_floor, trains=False),
 )}
 BASELINE = "module"  # what a PyTorch user writes; ratios are against it, same optimizer
@@ -273,6 +274,19 @@ def current_cpu_kernel() -> str:
     current = set_cpu_kernel(CPU_KERNELS[0])  # returns the previous one
     set_cpu_kernel(current)
     return current
+
+
+def variant_ran(name: str, shape: Tuple[int, int, int, int], dtype: torch.dtype,
+                device: str = "cpu") -> str:
+    """The CPU kernel variant backend `name` runs for this problem ("-" where none of ours
+    does): its [CPU_KERNEL], else the choice in effect, auto's pick resolved for the shape."""
+    spec = parse(name)
+    if not spec.backend.ours or device != "cpu":
+        return "-"
+    if dtype in (torch.float16, torch.bfloat16):
+        return "lowp"
+    with use_cpu_kernel(spec.cpu_kernel or current_cpu_kernel()):
+        return cpu_kernel_info(shape, dtype).split(":")[1].split(",")[0].strip()
 
 
 def runs_on(name: str, device: str, dtype: Optional[torch.dtype] = None) -> bool:

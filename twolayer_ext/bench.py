@@ -288,6 +288,7 @@ def main(argv=None):
                         r["speedup_vs_module"] = base / r["median_us"] if base else None
                     report["results"].append({
                         "size": size_name, "shape": shape, "dtype": dtype_name,
+                        "variant": B.variant_ran(name, shape, dtype, args.device),
                         "mflop_per_step": flops / 1e6, "mbyte_per_step": nbytes / 1e6,
                         "flop_per_byte": flops / nbytes, "backend": name, **r})
                 save()
@@ -318,15 +319,18 @@ def print_table(report):
     print("# GEMM ceiling (best of torch and numpy): " +
           ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in report["ceiling_gflops"].items()) +
           f"; memory bandwidth (copy) {report['bandwidth_gbs']:.1f} GB/s")
-    print(f"{'size':<14} {'dtype':<8} {'backend':<20} {'median us':>11} {'IQR us':>9} "
-          f"{'GFLOP/s':>8} {'% ceil':>7} {'x module':>9}")
+    wb = max([20] + [len(r["backend"]) for r in report["results"]])
+    wv = max([14] + [len(r.get("variant", "-")) for r in report["results"]])
+    print(f"{'size':<14} {'dtype':<8} {'backend':<{wb}} {'variant':<{wv}} {'median us':>11} "
+          f"{'IQR us':>9} {'GFLOP/s':>8} {'% ceil':>7} {'x module':>9}")
     for r in report["results"]:
+        head = f"{r['size']:<14} {r['dtype']:<8} {r['backend']:<{wb}} {r.get('variant', '-'):<{wv}}"
         if r.get("status") != "ok":
-            print(f"{r['size']:<14} {r['dtype']:<8} {r['backend']:<20} {r['status']}")
+            print(f"{head} {r['status']}")
             continue
         sp = f"{r['speedup_vs_module']:.2f}" if r.get("speedup_vs_module") else "-"
-        print(f"{r['size']:<14} {r['dtype']:<8} {r['backend']:<20} {r['median_us']:>11,.0f} "
-              f"{r['iqr_us']:>9,.0f} {r['gflops']:>8.1f} {r['pct_ceiling']:>6.0f}% {sp:>9}")
+        print(f"{head} {r['median_us']:>11,.0f} {r['iqr_us']:>9,.0f} {r['gflops']:>8.1f} "
+              f"{r['pct_ceiling']:>6.0f}% {sp:>9}")
 
 
 def plot(report, path):

@@ -287,11 +287,13 @@ def _two_layer_l2_loss_fake(x, target, w1, w2, b1=None, b2=None, reduction="sum"
 
 
 @torch.library.register_fake("twolayer_ext::two_layer_l2_loss_fwd")
-def _two_layer_l2_loss_fwd_fake(x, target, w1, w2, b1, b2, reduction, output_mask):
+def _two_layer_l2_loss_fwd_fake(x, target, w1, w2, b1, b2, reduction, output_mask,
+                                grad_transposed=(False, False)):
     loss = _two_layer_l2_loss_fake(x, target, w1, w2, b1, b2, reduction)
-    need = list(output_mask)
-    grads = [t.new_empty(t.shape) if (t is not None and want) else None
-             for t, want in zip((x, target, w1, w2, b1, b2), need)]
+    transposed = [False, False, *grad_transposed, False, False]
+    grads = [None if t is None or not want else
+             t.new_empty((t.shape[1], t.shape[0])).t() if flip else t.new_empty(t.shape)
+             for t, want, flip in zip((x, target, w1, w2, b1, b2), output_mask, transposed)]
     return (loss, *grads)
 
 

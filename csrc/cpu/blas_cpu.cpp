@@ -1,14 +1,24 @@
 // The "blas" CPU variant: every GEMM through ATen (MKL, or whatever BLAS torch
 // links), our fused elementwise work in vectorizable passes between them. Where the
-// platform BLAS beats our GEMM (large, square-ish layers) this is the faster route;
-// "auto" picks it per shape (variants.cpp, tuning.h).
+// platform BLAS beats our GEMM this is the faster route; "auto" measures which
+// (tuner.cpp).
+//
+// Each GEMM runs on our threads (pool.h), not the BLAS's own: its output rows are cut into
+// chunks fixed by the shape alone, and each chunk is one BLAS call on one thread. So the
+// results are the same bits for any thread count, and a descheduled thread never stalls a
+// step at an OpenMP barrier (the caller takes its chunks instead).
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
+#include <dlfcn.h>
 
 #include <algorithm>
 #include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "cpu_impl.h"
 #include "pool.h"
@@ -17,6 +27,67 @@
 namespace twolayer::cpu::blas {
 
 namespace {
+
+// The BLAS on the calling thread alone while this lives. MKL (torch's x86-64 builds export
+// it) has a thread-local setting, mkl_set_num_threads_local (Fortran ABI: an int*; it
+// returns the previous value, 0 = none); elsewhere the BLAS follows OpenMP's thread-local
+// nthreads setting.
+class OneBlasThread {
+ public:
+  OneBlasThread() {
+    if (mkl_local()) {
+      int one = 1;
+      previous_ = mkl_local()(&one);
+    } else {
+#ifdef _OPENMP
+      previous_ = omp_get_max_threads();
+      omp_set_num_threads(1);
+#endif
+    }
+  }
+  ~OneBlasThread() {
+    if (mkl_local()) {
+      mkl_local()(&previous_);
+    } else {
+#ifdef _OPENMP
+      omp_set_num_threads(previous_);
+#endif
+    }
+  }
+  OneBlasThread(const OneBlasThread&) = delete;
+  OneBlasThread& operator=(const OneBlasThread&) = delete;
+
+ private:
+  using SetLocal = int (*)(int*);
+  static SetLocal mkl_local() {
+    static const SetLocal f =
+        reinterpret_cast<SetLocal>(dlsym(RTLD_DEFAULT, "mkl_set_num_threads_local"));
+    return f;
+  }
+  int previous_ = 0;
+};
+
+// out[M, N] = a @ b, or with accumulate out += alpha * a @ b, in row chunks on our threads.
+// The chunks depend on the shape only: at least tuning::kBlasChunkFlops each, at most
+// tuning::kBlasMaxChunks, rows a multiple of 16.
+void mm_rows(at::Tensor out, const at::Tensor& a, const at::Tensor& b, bool accumulate = false,
+             double alpha = 1.0) {
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  const double flops = 2.0 * double(M) * double(K) * double(N);
+  const int64_t chunks = std::clamp<int64_t>(int64_t(flops / tuning::kBlasChunkFlops), 1,
+                                             tuning::kBlasMaxChunks);
+  const int64_t rows = std::max<int64_t>(16, ((M + chunks - 1) / chunks + 15) / 16 * 16);
+  auto run = [&](int64_t i0, int64_t i1) {
+    const OneBlasThread one;
+    for (int64_t r0 = i0 * rows; r0 < std::min(M, i1 * rows); r0 += rows) {
+      const int64_t n = std::min(rows, M - r0);
+      at::Tensor o = out.narrow(0, r0, n);
+      if (accumulate) o.addmm_(a.narrow(0, r0, n), b, 1.0, alpha);
+      else at::mm_out(o, a.narrow(0, r0, n), b);
+    }
+  };
+  parallel_for(0, (M + rows - 1) / rows, 1, run);
+}
 
 // A strided [rows, cols] view of our memory as a tensor (no copy, no ownership).
 template <typename T>
@@ -103,16 +174,19 @@ std::vector<T> column_sums(const T* g, int64_t rows, int64_t cols) {
 
 // C = A @ B delivered where `out` says: into a fresh row-major gradient, or w -= lr * C
 // by the BLAS itself (addmm with beta 1, alpha -lr, on the weight in place).
-void gradient_gemm_to(const at::Tensor& a, const at::Tensor& b, at::Tensor store,
-                      at::Tensor weight, double lr) {  // by value: mm_out takes an lvalue
-  if (store.defined()) at::mm_out(store, a, b);
-  else if (weight.defined()) weight.addmm_(a, b, 1.0, -lr);
+void gradient_gemm_to(const at::Tensor& a, const at::Tensor& b, const at::Tensor& store,
+                      const at::Tensor& weight, double lr) {
+  if (store.defined()) mm_rows(store, a, b);
+  else if (weight.defined()) mm_rows(weight, a, b, /*accumulate=*/true, -lr);
 }
 
 template <typename T>
 void deliver_gemm(const GradOut<T>& out, const at::Tensor& a, const at::Tensor& b) {
   const int64_t rows = a.size(0), cols = b.size(1);
-  gradient_gemm_to(a, b, out.store ? row_major_tensor<T>(out.store, rows, cols) : at::Tensor(),
+  const at::Tensor store = !out.store        ? at::Tensor()
+                           : out.transposed ? row_major_tensor<T>(out.store, cols, rows).t()
+                                            : row_major_tensor<T>(out.store, rows, cols);
+  gradient_gemm_to(a, b, store,
                    out.update.p ? as_tensor(out.update, rows, cols) : at::Tensor(), double(out.lr));
 }
 
@@ -122,10 +196,9 @@ template <typename T>
 void forward(const ForwardArgs<T>& a) {
   const Dims d = a.d;
   at::Tensor act = row_major_tensor<T>(a.act, d.N, d.H);
-  at::mm_out(act, as_tensor(a.x, d.N, d.D_in), as_tensor(a.w1, d.D_in, d.H));
+  mm_rows(act, as_tensor(a.x, d.N, d.D_in), as_tensor(a.w1, d.D_in, d.H));
   bias_relu(a.act, d.N, d.H, a.b1);
-  at::Tensor y = row_major_tensor<T>(a.y, d.N, d.D_out);
-  at::mm_out(y, act, as_tensor(a.w2, d.H, d.D_out));
+  mm_rows(row_major_tensor<T>(a.y, d.N, d.D_out), act, as_tensor(a.w2, d.H, d.D_out));
   add_bias(a.y, d.N, d.D_out, a.b2);
 }
 
@@ -134,10 +207,7 @@ void backward(const BackwardArgs<T>& a) {
   const Dims d = a.d;
   const at::Tensor act = row_major_tensor<T>(a.act, d.N, d.H);
   const at::Tensor gy = as_tensor(a.grad_y, d.N, d.D_out);
-  if (a.grad_w2) {
-    at::Tensor out = row_major_tensor<T>(a.grad_w2, d.H, d.D_out);
-    at::mm_out(out, act.t(), gy);
-  }
+  if (a.grad_w2) mm_rows(row_major_tensor<T>(a.grad_w2, d.H, d.D_out), act.t(), gy);
   if (a.grad_b2)
     for (int64_t j = 0; j < d.D_out; ++j) {
       double s = 0.0;
@@ -145,20 +215,15 @@ void backward(const BackwardArgs<T>& a) {
       a.grad_b2[j] = T(s);
     }
   if (!a.grad_x && !a.grad_w1 && !a.grad_b1) return;
-  at::Tensor gh = at::mm(gy, as_tensor(a.w2, d.H, d.D_out).t()).contiguous();
+  at::Tensor gh = at::empty({d.N, d.H}, act.options());
+  mm_rows(gh, gy, as_tensor(a.w2, d.H, d.D_out).t());
   relu_mask(gh.data_ptr<T>(), a.act, d.N * d.H);
-  if (a.grad_w1) {
-    at::Tensor out = row_major_tensor<T>(a.grad_w1, d.D_in, d.H);
-    at::mm_out(out, as_tensor(a.x, d.N, d.D_in).t(), gh);
-  }
+  if (a.grad_w1) mm_rows(row_major_tensor<T>(a.grad_w1, d.D_in, d.H), as_tensor(a.x, d.N, d.D_in).t(), gh);
   if (a.grad_b1) {
     const auto s = column_sums(gh.data_ptr<T>(), d.N, d.H);
     std::copy(s.begin(), s.end(), a.grad_b1);
   }
-  if (a.grad_x) {
-    at::Tensor out = row_major_tensor<T>(a.grad_x, d.N, d.D_in);
-    at::mm_out(out, gh, as_tensor(a.w1, d.D_in, d.H).t());
-  }
+  if (a.grad_x) mm_rows(row_major_tensor<T>(a.grad_x, d.N, d.D_in), gh, as_tensor(a.w1, d.D_in, d.H).t());
 }
 
 template <typename T>
@@ -168,9 +233,9 @@ double step(const StepArgs<T>& s) {
   at::Tensor act = at::empty({d.N, d.H}, opts), gy = at::empty({d.N, d.D_out}, opts);
   const at::Tensor x = as_tensor(s.x, d.N, d.D_in), w1 = as_tensor(s.w1, d.D_in, d.H);
   const at::Tensor w2 = as_tensor(s.w2, d.H, d.D_out);
-  at::mm_out(act, x, w1);
+  mm_rows(act, x, w1);
   bias_relu(act.data_ptr<T>(), d.N, d.H, s.b1);
-  at::mm_out(gy, act, w2);  // y, turned into grad_y in place
+  mm_rows(gy, act, w2);  // y, turned into grad_y in place
   add_bias(gy.data_ptr<T>(), d.N, d.D_out, s.b2);
   const double n = double(d.N * d.D_out);
   const double total =
@@ -180,13 +245,11 @@ double step(const StepArgs<T>& s) {
     for (int64_t i = 0; i < d.N * d.D_out; ++i) s.grad_target[i] = -g[i];
   at::Tensor gh;
   if (s.wants_hidden_grad()) {  // at the old w2, before any update
-    gh = at::mm(gy, w2.t()).contiguous();
+    gh = at::empty({d.N, d.H}, opts);
+    mm_rows(gh, gy, w2.t());
     relu_mask(gh.data_ptr<T>(), act.data_ptr<T>(), d.N * d.H);
   }
-  if (s.grad_x) {
-    at::Tensor out = row_major_tensor<T>(s.grad_x, d.N, d.D_in);
-    at::mm_out(out, gh, w1.t());
-  }
+  if (s.grad_x) mm_rows(row_major_tensor<T>(s.grad_x, d.N, d.D_in), gh, w1.t());
   deliver_gemm(s.gw2, act.t(), gy);
   if (s.gw1.wanted()) deliver_gemm(s.gw1, x.t(), gh);
   if (s.gb2.wanted()) {

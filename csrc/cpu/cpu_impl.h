@@ -70,6 +70,10 @@ struct BackwardArgs {
 template <typename T>
 struct GradOut {
   T* store = nullptr;  // row-major gradient
+  // store holds the gradient's transpose ([cols, rows] row-major): the layout of a weight that
+  // is itself a transposed view (TwoLayerNet's w1, w2 over nn.Linear-layout parameters), so
+  // autograd hands the gradient to the parameter without a copy.
+  bool transposed = false;
   MutView<T> update{nullptr, 0, 0};  // the weight itself (a bias: one row, cs = its stride)
   T lr = T(0);
   bool wanted() const { return store || update.p; }
@@ -118,7 +122,12 @@ double squared_error_sum(const T* p, const T* t, T* g, T scale2, int64_t n);
 // Delivers a finished row-major gradient g [rows, cols] to where `out` says.
 template <typename T>
 void deliver(const GradOut<T>& out, const T* g, int64_t rows, int64_t cols) {
-  if (out.store) std::copy(g, g + rows * cols, out.store);
+  if (out.store && out.transposed) {
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < cols; ++j) out.store[j * rows + i] = g[i * cols + j];
+  } else if (out.store) {
+    std::copy(g, g + rows * cols, out.store);
+  }
   if (out.update.p)
     for (int64_t i = 0; i < rows; ++i)
       for (int64_t j = 0; j < cols; ++j) out.update(i, j) -= out.lr * g[i * cols + j];

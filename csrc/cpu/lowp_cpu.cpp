@@ -18,6 +18,7 @@
 #include <optional>
 #include <vector>
 
+#include "../kernels.h"
 #include "../loss_value.h"
 #include "cpu_impl.h"
 #include "tuning.h"
@@ -149,6 +150,7 @@ struct FusedStep {
   bool grad_x = false, grad_target = false;
   std::array<bool, 4> weights{};  // which weights' gradients are wanted (absent biases: false)
   std::optional<double> lr;       // set: update in place; unset: store
+  std::array<bool, 2> transposed{};  // stored w1 / w2 gradients as transposes (kernels.h)
 };
 
 struct FusedResult {
@@ -188,6 +190,7 @@ FusedResult fused_step(const Dims& d, const at::Tensor& x, const at::Tensor& tar
   auto matrix = [&](int i, const at::Tensor& w, const at::Tensor& a, const at::Tensor& b) {
     if (!s.weights[i]) return;
     if (s.lr) const_cast<at::Tensor&>(w).addmm_(a, b, /*beta=*/1.0, /*alpha=*/-*s.lr * scale);
+    else if (s.transposed[i]) r.grads[i] = scaled_mm(b.t(), a.t(), scale).t();
     else r.grads[i] = scaled_mm(a, b, scale);
   };
   auto bias = [&](int i, const OptTensor& b, const at::Tensor& g) {
@@ -247,13 +250,15 @@ std::tuple<at::Tensor, OptTensor> l2_loss_fwd(const at::Tensor& pred, const at::
 FusedLossGrads two_layer_l2_loss_fwd(const Dims& d, const at::Tensor& x, const at::Tensor& target,
                                      const at::Tensor& w1, const at::Tensor& w2,
                                      const OptTensor& b1, const OptTensor& b2, bool mean,
-                                     std::array<bool, 6> output_mask) {
+                                     std::array<bool, 6> output_mask,
+                                     std::array<bool, 2> grad_transposed) {
   const auto [need_x, need_target, need_w1, need_w2, need_b1, need_b2] = output_mask;
   FusedStep s;
   s.mean = mean;
   s.grad_x = need_x;
   s.grad_target = need_target;
   s.weights = {need_w1, need_w2, need_b1 && b1.has_value(), need_b2 && b2.has_value()};
+  s.transposed = grad_transposed;
   auto r = fused_step(d, x, target, w1, w2, b1, b2, s);
   return {r.loss, r.grad_x, r.grad_target, r.grads[0], r.grads[1], r.grads[2], r.grads[3]};
 }

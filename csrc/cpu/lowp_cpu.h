@@ -29,7 +29,8 @@ std::tuple<at::Tensor, OptTensor> l2_loss_fwd(const at::Tensor& pred, const at::
 FusedLossGrads two_layer_l2_loss_fwd(const Dims& d, const at::Tensor& x, const at::Tensor& target,
                                      const at::Tensor& w1, const at::Tensor& w2,
                                      const OptTensor& b1, const OptTensor& b2, bool mean,
-                                     std::array<bool, 6> output_mask);
+                                     std::array<bool, 6> output_mask,
+                                     std::array<bool, 2> grad_transposed);
 at::Tensor sgd_step(const Dims& d, const at::Tensor& x, const at::Tensor& target,
                     const at::Tensor& w1, const at::Tensor& w2, const OptTensor& b1,
                     const OptTensor& b2, double lr, bool mean, std::array<bool, 4> update);

@@ -58,23 +58,29 @@ inline bool row_blocked(int64_t N, int64_t D_in, int64_t H, int64_t D_out) {
   return N >= kRowBlockedMinRows && D_in * H + H * D_out <= kRowBlockedMaxWeights;
 }
 
+// A kernel call's per-thread workspace above this size is freed when the call returns (the
+// benchmark sizes stay below it, the large one in float64 at 75 MB, and reuse theirs).
+constexpr int64_t kWorkspaceKeepBytes = int64_t(128) << 20;
+
 // Elementwise passes: elements per thread task.
 constexpr int64_t kElementwiseGrain = int64_t(1) << 15;
 
-// "auto": the platform BLAS ("blas") instead of our tuned GEMMs for this problem?
-// Measured on AMD EPYC Zen 4, sgd_step medians (docs/performance.md): MKL's small float32
-// GEMMs beat ours on one thread (seed 64,1000,100,10: 330 vs 397 us) and on two of a quiet
-// machine (204 vs 244 us), but with another process on a core its OpenMP barriers made the
-// two-thread step 2.8x slower than one thread (953 vs 337 us), where ours (pool.h) hold;
-// so MKL only where it runs on one thread. At medium MKL's quiet edge was 3-6%; at large our
-// AVX-512 kernels win (130 vs 140 ms); in float64 ours win or tie at every size; the narrow
-// layers' row-blocked step is ours alone.
-constexpr double kAutoBlasMaxFlops = 1e8;  // per step: 4 N D_in H + 6 N H D_out
-inline bool auto_prefers_blas(int64_t N, int64_t D_in, int64_t H, int64_t D_out,
-                              bool single_precision, int threads) {
-  const double flops = 4.0 * double(N) * double(D_in) * double(H) + 6.0 * double(N) * double(H) * double(D_out);
-  return single_precision && threads == 1 && !row_blocked(N, D_in, H, D_out) &&
-         flops <= kAutoBlasMaxFlops;
-}
+// "auto" measures its choice per problem (tuner.h); these bound what that costs. Below
+// kTuneMinFlops per step (4 N D_in H + 6 N H D_out) it is not measured: call overhead
+// dominates and our tuned kernels have the least. A step above kTuneMaxFlops is measured on
+// fewer rows; a screen on 1/kTuneScreenFraction of the rows drops candidates more than
+// kTuneDropRatio times slower than the best; then up to kTuneRounds interleaved rounds,
+// within kTuneBudgetMs for the whole key.
+constexpr double kTuneMinFlops = 2e6;
+constexpr double kTuneMaxFlops = 6e8;
+constexpr int64_t kTuneScreenFraction = 4;
+constexpr double kTuneDropRatio = 2.5;
+constexpr int kTuneRounds = 5;
+constexpr double kTuneBudgetMs = 80;
+
+// The blas variant's GEMMs run on our threads in row chunks fixed by the shape: at least
+// kBlasChunkFlops each, at most kBlasMaxChunks.
+constexpr double kBlasChunkFlops = 4e6;
+constexpr int64_t kBlasMaxChunks = 8;
 
 }  // namespace twolayer::cpu::tuning

@@ -35,12 +35,19 @@ template <typename T>
 T* ptr_or_null(OptTensor& t) {
   return t ? t->data_ptr<T>() : nullptr;
 }
-// A gradient stored into a fresh row-major tensor.
+// A gradient stored into a fresh tensor from new_grad: row-major, or row-major transposed.
 template <typename T>
 GradOut<T> store_into(OptTensor& g) {
   GradOut<T> o;
   o.store = ptr_or_null<T>(g);
+  o.transposed = g && !g->is_contiguous();
   return o;
+}
+
+// A fresh gradient for the 2-D weight w: row-major, or the transpose of a row-major one.
+at::Tensor new_grad(const at::Tensor& w, bool transposed) {
+  if (transposed) return at::empty({w.size(1), w.size(0)}, w.options()).t();
+  return at::empty(w.sizes(), w.options());
 }
 // w -= lr * grad in place, for a 2-D weight or a 1-D bias (one row); nothing when absent
 // or not to be updated.
@@ -165,19 +172,21 @@ at::Tensor l2_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& grad) {
 FusedLossGrads two_layer_l2_loss_fwd(const at::Tensor& x, const at::Tensor& target,
                                      const at::Tensor& w1, const at::Tensor& w2,
                                      const OptTensor& b1, const OptTensor& b2,
-                                     c10::string_view reduction, std::array<bool, 6> output_mask) {
+                                     c10::string_view reduction, std::array<bool, 6> output_mask,
+                                     std::array<bool, 2> grad_transposed) {
   const Dims d = check_two_layer_l2_loss_args(x, target, w1, w2, b1, b2);
   const bool mean = parse_reduction("two_layer_l2_loss", reduction) == Reduction::Mean;
   if (lowp::handles(x))
-    return lowp::two_layer_l2_loss_fwd(d, x, target, w1, w2, b1, b2, mean, output_mask);
+    return lowp::two_layer_l2_loss_fwd(d, x, target, w1, w2, b1, b2, mean, output_mask,
+                                       grad_transposed);
   const auto [need_x, need_target, need_w1, need_w2, need_b1, need_b2] = output_mask;
   const auto opts = x.options();
   auto loss = at::empty({}, opts);
   OptTensor grad_x, grad_target, grad_w1, grad_w2, grad_b1, grad_b2;
   if (need_x) grad_x = at::empty({d.N, d.D_in}, opts);
   if (need_target) grad_target = at::empty({d.N, d.D_out}, opts);
-  if (need_w1) grad_w1 = at::empty({d.D_in, d.H}, opts);
-  if (need_w2) grad_w2 = at::empty({d.H, d.D_out}, opts);
+  if (need_w1) grad_w1 = new_grad(w1, grad_transposed[0]);
+  if (need_w2) grad_w2 = new_grad(w2, grad_transposed[1]);
   if (need_b1 && b1) grad_b1 = at::empty({d.H}, opts);
   if (need_b2 && b2) grad_b2 = at::empty({d.D_out}, opts);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "two_layer_l2_loss_fwd", [&] {

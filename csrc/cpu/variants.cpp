@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "tuner.h"
 #include "tuning.h"
 
 namespace twolayer::cpu {
@@ -76,12 +77,20 @@ int choice_from_name(c10::string_view name, const char* what) {
   return row;
 }
 
-std::atomic<int>& current_choice() {
+// The process-wide choice (set_cpu_kernel, TWOLAYER_CPU_KERNEL) and a calling thread's own
+// (use_cpu_kernel: thread-local, as torch's context managers are), which wins where set.
+std::atomic<int>& process_choice() {
   static std::atomic<int> c{[] {
     const char* env = std::getenv("TWOLAYER_CPU_KERNEL");
     return env && *env ? choice_from_name(env, "TWOLAYER_CPU_KERNEL") : kAuto;
   }()};
   return c;
+}
+constexpr int kNoThreadChoice = -3;
+thread_local int thread_choice = kNoThreadChoice;
+
+int current_choice() {
+  return thread_choice != kNoThreadChoice ? thread_choice : process_choice().load();
 }
 
 // The tuned build "tuned" and "auto" run: TWOLAYER_ISA=avx512|avx2|portable, else the
@@ -102,13 +111,14 @@ int tuned_row() {
   return row;
 }
 
+bool low_precision(c10::ScalarType dtype) {
+  return dtype == c10::ScalarType::Half || dtype == c10::ScalarType::BFloat16;
+}
+
 int row_for(int choice, const Dims& d, c10::ScalarType dtype) {
   if (choice >= 0) return choice;
   const int tuned = tuned_row();  // first, so that a bad TWOLAYER_ISA fails on any shape
-  if (choice == kAuto && tuning::auto_prefers_blas(d.N, d.D_in, d.H, d.D_out,
-                                                   dtype == c10::ScalarType::Float,
-                                                   at::get_num_threads()))
-    return row_of("blas");
+  if (choice == kAuto && !low_precision(dtype)) return tuner::pick(d, dtype).row;
   return tuned;
 }
 
@@ -119,29 +129,59 @@ std::string choice_name(int choice) {
 }  // namespace
 
 const Variant& variant_for(const Dims& d, c10::ScalarType dtype) {
-  return kTable[row_for(current_choice().load(), d, dtype)];
+  return kTable[row_for(current_choice(), d, dtype)];
 }
 
-std::string set_kernel_variant(c10::string_view name) {
-  const int c = choice_from_name(name, "set_cpu_kernel: name");
-  if (c < 0) tuned_row();  // a bad TWOLAYER_ISA fails here, not in the middle of an op
-  return choice_name(current_choice().exchange(c));
+std::string set_kernel_variant(c10::string_view name, bool this_thread) {
+  // "" clears this thread's choice (what use_cpu_kernel restores when there was none).
+  const int c = this_thread && name.empty() ? kNoThreadChoice
+                                            : choice_from_name(name, "set_cpu_kernel: name");
+  if (c < 0 && c != kNoThreadChoice) tuned_row();  // a bad TWOLAYER_ISA fails here, not mid-op
+  if (!this_thread) return choice_name(process_choice().exchange(c));
+  const int previous = thread_choice;
+  thread_choice = c;
+  return previous == kNoThreadChoice ? "" : choice_name(previous);
 }
 
 std::string kernel_info(const std::optional<Dims>& d, c10::ScalarType dtype) {
-  const int c = current_choice().load();
-  std::string s = choice_name(c);
-  const bool low_precision = dtype == c10::ScalarType::Half || dtype == c10::ScalarType::BFloat16;
-  if (d && low_precision) {
+  const int c = current_choice();
+  std::string s = choice_name(c), why;
+  if (d && low_precision(dtype)) {
     s += ": low precision (lowp_cpu.cpp: one path for every variant)";
+  } else if (d && c == kAuto) {
+    tuned_row();
+    const tuner::Pick p = tuner::pick(*d, dtype);
+    s += std::string(": ") + kTable[p.row].name;
+    why = "; " + p.why;
   } else if (d) {
     s += std::string(": ") + kTable[row_for(c, *d, dtype)].name;
   } else if (c == kAuto) {
-    s += std::string(" (") + kTable[tuned_row()].name + " or blas, by shape)";
+    s += " (measured per shape, dtype and thread count among";
+    for (int r : auto_candidates()) s += std::string(" ") + kTable[r].name;
+    s += ")";
   } else if (c == kTuned) {
     s += std::string(" (") + kTable[tuned_row()].name + ")";
   }
-  return s + ", threads: " + std::to_string(at::get_num_threads());
+  return s + ", threads: " + std::to_string(at::get_num_threads()) + why;
+}
+
+int variant_count() { return kRows; }
+const Variant& variant_at(int row) { return kTable[row]; }
+int variant_row(c10::string_view name) { return row_of(name); }
+
+const std::vector<int>& auto_candidates() {
+  static const std::vector<int> rows = [] {
+    // The tuned builds from tuned_row's ISA down, but the portable one where a vector build
+    // runs (it never beats one), then blas.
+    std::vector<int> r;
+    for (int i = tuned_row(); i < kRows; ++i)
+      if (!std::strncmp(kTable[i].name, "tuned-", 6) && cpu_has(kTable[i].isa) &&
+          (r.empty() || std::strcmp(kTable[i].name, "tuned-portable") != 0))
+        r.push_back(i);
+    r.push_back(row_of("blas"));
+    return r;
+  }();
+  return rows;
 }
 
 std::vector<std::string> kernel_names() {

@@ -1,9 +1,10 @@
 // The CPU kernel variants: one table (variants.cpp) of {name, ISA, kernels}, and
 // the choice among them that every op follows:
-//   "auto"    (default) per problem shape, the tuned kernels or "blas" (tuning.h);
+//   "auto"    (default) per problem, the variant measured fastest here (tuner.h);
 //   "tuned"   the tuned kernels for the best ISA this CPU has (TWOLAYER_ISA forces one);
 //   any table name, e.g. "tuned-avx2", "blas", "reference".
-// TWOLAYER_CPU_KERNEL sets the starting choice; set_kernel_variant changes it.
+// TWOLAYER_CPU_KERNEL sets the starting choice; set_kernel_variant changes it for the process,
+// or for the calling thread alone (use_cpu_kernel).
 #pragma once
 
 #include <c10/core/ScalarType.h>
@@ -40,13 +41,22 @@ struct Variant {
 // The variant serving a problem of these dims and element type under the current choice.
 const Variant& variant_for(const Dims& d, c10::ScalarType dtype);
 
-// Sets the choice ("auto", "tuned" or a table name); returns the previous one.
-std::string set_kernel_variant(c10::string_view name);
+// Sets the process-wide choice ("auto", "tuned" or a table name), or with this_thread the
+// calling thread's own, which overrides it ("" clears it); returns the previous one ("" for
+// a thread without its own).
+std::string set_kernel_variant(c10::string_view name, bool this_thread);
 // The choice, what it runs (for these dims and dtype, if given) and the thread count.
 std::string kernel_info(const std::optional<Dims>& d, c10::ScalarType dtype);
 // Every table name, in table order.
 std::vector<std::string> kernel_names();
 // Why this CPU cannot run the variant ("" when it can).
 std::string kernel_missing(c10::string_view name);
+
+// For the tuner (tuner.h): the table's rows, and those "auto" chooses among on this CPU (the
+// best tuned build first, "blas" last; never "reference").
+int variant_count();
+const Variant& variant_at(int row);
+int variant_row(c10::string_view name);  // -1: no such row
+const std::vector<int>& auto_candidates();
 
 }  // namespace twolayer::cpu

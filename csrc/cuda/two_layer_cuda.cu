@@ -73,6 +73,7 @@ struct FusedStep {
   bool grad_x = false, grad_target = false;
   std::array<bool, 4> weights{};  // which weights' gradients are wanted (absent biases: false)
   std::optional<double> lr;       // set: update in place; unset: store
+  std::array<bool, 2> transposed{};  // stored w1 / w2 gradients as transposes (kernels.h)
 };
 
 struct FusedResult {
@@ -125,10 +126,14 @@ FusedResult fused_step(const Dims& d, const at::Tensor& x, const at::Tensor& tar
   auto column_sums = [](const at::Tensor& g) {
     return at::sum(g, 0, /*keepdim=*/false, at::toOpMathType(g.scalar_type()));
   };
-  if (want_w2) grads[1] = scaled_mm(act.t(), gy, scale);
+  // A matrix gradient, stored as the transpose of a row-major one where asked (kernels.h).
+  auto matrix_grad = [&](int i, const at::Tensor& a, const at::Tensor& b) {
+    return !s.lr && s.transposed[i] ? scaled_mm(b.t(), a.t(), scale).t() : scaled_mm(a, b, scale);
+  };
+  if (want_w2) grads[1] = matrix_grad(1, act.t(), gy);
   if (want_b2) grads[3] = column_sums(gy);
   if (grad_h.defined()) {
-    if (want_w1) grads[0] = scaled_mm(x.t(), grad_h, scale);
+    if (want_w1) grads[0] = matrix_grad(0, x.t(), grad_h);
     if (want_b1) grads[2] = column_sums(grad_h);
   }
   const std::array<const at::Tensor*, 4> weights = {&w1, &w2, b1 ? &*b1 : nullptr,
@@ -200,7 +205,8 @@ at::Tensor l2_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& grad) {
 FusedLossGrads two_layer_l2_loss_fwd(const at::Tensor& x, const at::Tensor& target,
                                      const at::Tensor& w1, const at::Tensor& w2,
                                      const OptTensor& b1, const OptTensor& b2,
-                                     c10::string_view reduction, std::array<bool, 6> output_mask) {
+                                     c10::string_view reduction, std::array<bool, 6> output_mask,
+                                     std::array<bool, 2> grad_transposed) {
   constexpr const char* op = "two_layer_l2_loss";
   const Dims d = check_two_layer_l2_loss_args(x, target, w1, w2, b1, b2);
   FusedStep s;
@@ -210,6 +216,7 @@ FusedLossGrads two_layer_l2_loss_fwd(const at::Tensor& x, const at::Tensor& targ
   s.grad_x = need_x;
   s.grad_target = need_target;
   s.weights = {need_w1, need_w2, need_b1 && b1.has_value(), need_b2 && b2.has_value()};
+  s.transposed = grad_transposed;
   auto r = fused_step(d, x, target, w1, w2, b1, b2, s);
   return {r.loss, r.grad_x, r.grad_target, r.grads[0], r.grads[1], r.grads[2], r.grads[3]};
 }

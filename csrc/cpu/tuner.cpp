@@ -1,0 +1,363 @@
+// The measured choice of "auto" and its wisdom file (see tuner.h).
+#include "tuner.h"
+
+#include <Python.h>
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/randn.h>
+#include <c10/util/Exception.h>
+#include <dlfcn.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#if __has_include(<torch/headeronly/version.h>)
+#include <torch/headeronly/version.h>
+#else
+#include <torch/version.h>
+#endif
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <mutex>
+#include <sstream>
+#include <vector>
+
+#include "pool.h"
+#include "tuning.h"
+#include "variants.h"
+
+namespace twolayer::cpu::tuner {
+
+namespace {
+
+double step_flops(const Dims& d) {
+  return 4.0 * double(d.N) * double(d.D_in) * double(d.H) + 6.0 * double(d.N) * double(d.H) * double(d.D_out);
+}
+
+int64_t pow2_ceil(int64_t v) {
+  int64_t p = 1;
+  while (p < v) p *= 2;
+  return p;
+}
+
+std::string key_of(const Dims& d, c10::ScalarType dtype, int threads) {
+  std::ostringstream os;
+  os << "step " << (dtype == c10::ScalarType::Double ? "float64" : "float32") << " t" << threads
+     << " " << pow2_ceil(d.N) << "x" << pow2_ceil(d.D_in) << "x" << pow2_ceil(d.H) << "x"
+     << pow2_ceil(d.D_out);
+  return os.str();
+}
+
+struct Entry {
+  int row = -1;
+  std::vector<std::pair<int, double>> us;  // (row, median microseconds per step), fastest first
+  std::string source;                      // "measured" or "wisdom"
+  int64_t rows = 0;                        // the N it was measured at
+  double cost_ms = 0;                      // what measuring it cost
+  std::vector<int> screened_out;           // candidates dropped by the screen (not remembered)
+};
+
+std::string describe(const Entry& e) {
+  std::ostringstream os;
+  os << e.source << " at N=" << e.rows << ":";
+  for (size_t i = 0; i < e.us.size(); ++i)
+    os << (i ? ", " : " ") << variant_at(e.us[i].first).name << " " << std::llround(e.us[i].second)
+       << " us";
+  for (size_t i = 0; i < e.screened_out.size(); ++i)
+    os << (i ? ", " : "; screened out (over the drop ratio): ") << variant_at(e.screened_out[i]).name;
+  if (e.source == "measured") os << " (measuring took " << std::llround(e.cost_ms) << " ms)";
+  return os.str();
+}
+
+// ---- the wisdom file ---------------------------------------------------------------------
+
+constexpr const char* kMagic = "twolayer_ext wisdom 1";
+
+std::string cpu_model() {
+  std::ifstream f("/proc/cpuinfo");
+  for (std::string line; std::getline(f, line);) {
+    const auto colon = line.find(':');
+    if (colon != std::string::npos && line.rfind("model name", 0) == 0)
+      return line.substr(line.find_first_not_of(" \t", colon + 1));
+  }
+  return "unknown CPU";
+}
+
+// This build of the extension: its file's size and modification time.
+std::string build_id() {
+  Dl_info info;
+  struct stat st;
+  if (dladdr(reinterpret_cast<void*>(&build_id), &info) && info.dli_fname &&
+      stat(info.dli_fname, &st) == 0)
+    return std::to_string(st.st_size) + "-" + std::to_string(st.st_mtime);
+  return "unknown";
+}
+
+// What a wisdom file must have been measured on to be used here.
+const std::string& identity() {
+  static const std::string id = [] {
+    std::ostringstream os;
+    os << cpu_model() << " | " << variant_at(auto_candidates().front()).name << " | torch "
+       << TORCH_VERSION << " | build " << build_id();
+    return os.str();
+  }();
+  return id;
+}
+
+// "" when the picks stay in memory.
+const std::string& wisdom_path() {
+  static const std::string path = [] {
+    const char* env = std::getenv("TWOLAYER_WISDOM");
+    if (env && *env) return std::string(std::strcmp(env, "off") == 0 ? "" : env);
+    const char* xdg = std::getenv("XDG_CACHE_HOME");
+    const char* home = std::getenv("HOME");
+    if (xdg && *xdg) return std::string(xdg) + "/twolayer_ext/wisdom.txt";
+    return home && *home ? std::string(home) + "/.cache/twolayer_ext/wisdom.txt" : std::string();
+  }();
+  return path;
+}
+
+std::mutex mutex;
+std::map<std::string, Entry> entries;  // guarded by mutex
+bool warned = false;
+std::string pending_warning;  // guarded by mutex; issued once the mutex is released
+
+void warn_once(const std::string& what) {
+  if (warned) return;
+  warned = true;
+  pending_warning = "twolayer_ext: " + what + "; auto measures its choices again";
+}
+
+// A Python UserWarning (the op-call path does not turn c10 warnings into Python ones), else
+// c10's. Called without the mutex held: taking the GIL while holding it could deadlock with a
+// Python thread waiting for it.
+void issue(std::string warning) {
+  if (warning.empty()) return;
+  if (Py_IsInitialized()) {
+    const PyGILState_STATE gil = PyGILState_Ensure();
+    if (PyErr_WarnEx(PyExc_UserWarning, warning.c_str(), 1) != 0) PyErr_Clear();
+    PyGILState_Release(gil);
+  } else {
+    TORCH_WARN(warning);
+  }
+}
+
+// The file's entries, when it was written here: missing is quiet, anything else warns.
+void load_wisdom() {
+  const std::string& path = wisdom_path();
+  if (path.empty()) return;
+  std::ifstream f(path);
+  if (!f) return;
+  std::string magic, id;
+  if (!std::getline(f, magic) || magic != kMagic || !std::getline(f, id) ||
+      id.rfind("identity ", 0) != 0) {
+    warn_once("the wisdom file " + path + " is not one (corrupt or foreign)");
+    return;
+  }
+  if (id.substr(9) != identity()) {
+    warn_once("the wisdom file " + path + " was measured elsewhere (" + id.substr(9) +
+              "; here: " + identity() + ")");
+    return;
+  }
+  // key \t rows \t name=us,name=us,...  (fastest first)
+  for (std::string line; std::getline(f, line);) {
+    std::istringstream ls(line);
+    std::string key, rows, times;
+    Entry e;
+    e.source = "wisdom";
+    bool ok = std::getline(ls, key, '\t') && std::getline(ls, rows, '\t') && std::getline(ls, times);
+    try {
+      if (ok) e.rows = std::stoll(rows);
+      std::istringstream ts(times);
+      for (std::string item; ok && std::getline(ts, item, ',');) {
+        const auto eq = item.find('=');
+        const int row = eq == std::string::npos ? -1 : variant_row(item.substr(0, eq));
+        ok = row >= 0 && std::find(auto_candidates().begin(), auto_candidates().end(), row) !=
+                             auto_candidates().end();
+        if (ok) e.us.emplace_back(row, std::stod(item.substr(eq + 1)));
+      }
+    } catch (const std::exception&) {
+      ok = false;
+    }
+    if (!ok || e.us.empty()) {
+      warn_once("the wisdom file " + path + " has a line it cannot read: \"" + line + "\"");
+      entries.clear();
+      return;
+    }
+    e.row = e.us.front().first;
+    entries[key] = e;
+  }
+}
+
+void load_wisdom_once() {  // under mutex
+  static bool loaded = false;
+  if (!loaded) load_wisdom();
+  loaded = true;
+}
+
+// Rewrites the file with every entry (written aside, then renamed into place).
+void save_wisdom() {
+  const std::string& path = wisdom_path();
+  if (path.empty()) return;
+  const auto slash = path.rfind('/');
+  if (slash != std::string::npos && slash > 0) {
+    const std::string dir = path.substr(0, slash);
+    for (size_t i = 1; i <= dir.size(); ++i)
+      if (i == dir.size() || dir[i] == '/') ::mkdir(dir.substr(0, i).c_str(), 0755);
+  }
+  const std::string tmp = path + ".tmp" + std::to_string(::getpid());
+  {
+    std::ofstream f(tmp);
+    f << kMagic << "\nidentity " << identity() << "\n";
+    for (const auto& [key, e] : entries) {
+      f << key << "\t" << e.rows << "\t";
+      for (size_t i = 0; i < e.us.size(); ++i)
+        f << (i ? "," : "") << variant_at(e.us[i].first).name << "=" << e.us[i].second;
+      f << "\n";
+    }
+    if (!f.flush()) {
+      std::remove(tmp.c_str());
+      warn_once("cannot write the wisdom file " + path);
+      return;
+    }
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    std::remove(tmp.c_str());
+    warn_once("cannot write the wisdom file " + path);
+  }
+}
+
+// ---- measuring ---------------------------------------------------------------------------
+
+template <typename T>
+Entry measure(const Dims& full, bool at_full_size) {
+  const auto start = std::chrono::steady_clock::now();
+  Dims d = full;
+  // Above the budget's flops a step is measured on fewer rows (kept row-blocked if it was).
+  if (!at_full_size && step_flops(d) > tuning::kTuneMaxFlops) {
+    const int64_t rows = int64_t(double(d.N) * tuning::kTuneMaxFlops / step_flops(d));
+    d.N = std::max<int64_t>((rows + 15) / 16 * 16, 16);
+    if (tuning::row_blocked(full.N, full.D_in, full.H, full.D_out))
+      d.N = std::max(d.N, tuning::kRowBlockedMinRows);
+  }
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  // A generator of its own: measuring never moves the user's random stream.
+  const at::Generator gen = at::detail::createCPUGenerator(/*seed_val=*/0);
+  const at::Tensor x = at::randn({d.N, d.D_in}, gen, opts);
+  const at::Tensor target = at::randn({d.N, d.D_out}, gen, opts);
+  // Weights scaled so activations stay O(1) (timing on overflowed values would mislead).
+  const at::Tensor w1 = at::randn({d.D_in, d.H}, gen, opts).mul_(1.0 / std::sqrt(double(d.D_in)));
+  const at::Tensor w2 = at::randn({d.H, d.D_out}, gen, opts).mul_(1.0 / std::sqrt(double(d.H)));
+  at::Tensor g1 = at::empty({d.D_in, d.H}, opts), g2 = at::empty({d.H, d.D_out}, opts);
+  auto view = [](const at::Tensor& t) { return View<T>{t.data_ptr<T>(), t.stride(0), t.stride(1)}; };
+  GradOut<T> o1, o2;
+  o1.store = g1.data_ptr<T>(), o2.store = g2.data_ptr<T>();
+  // The fused loss with every weight's gradient: sgd_step's work, without moving the weights.
+  const StepArgs<T> s{d, view(x), view(target), view(w1), view(w2), {nullptr, 0}, {nullptr, 0},
+                      false, nullptr, nullptr, o1, o2, {}, {}};
+  const PoolScope pool;  // as sgd_step runs it
+  auto time_us = [&](int row, const StepArgs<T>& args) {
+    const auto t0 = std::chrono::steady_clock::now();
+    variant_at(row).template kernels<T>().step(args);
+    return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
+  };
+  auto elapsed_ms = [&] {
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  };
+  std::vector<int> rows = auto_candidates();
+  // A screen on the first rows alone (also the warm-up: first touch, packing buffers) drops
+  // the far slower candidates before they cost a full-size call.
+  StepArgs<T> screen = s;
+  screen.d.N = std::min<int64_t>(d.N, std::max<int64_t>(16, d.N / tuning::kTuneScreenFraction));
+  std::map<int, double> screened;
+  double best = INFINITY;
+  for (int r : rows) best = std::min(best, screened[r] = time_us(r, screen));
+  std::vector<int> dropped;
+  for (int r : rows)
+    if (screened[r] > tuning::kTuneDropRatio * best) dropped.push_back(r);
+  rows.erase(std::remove_if(rows.begin(), rows.end(),
+                            [&](int r) { return screened[r] > tuning::kTuneDropRatio * best; }),
+             rows.end());
+  // Then interleaved full-size rounds while the budget lasts (one at least).
+  std::map<int, std::vector<double>> times;
+  for (int round = 0; round < tuning::kTuneRounds; ++round) {
+    double round_us = 0;
+    for (int r : rows) round_us += times[r].empty() ? 0.0 : times[r].back();
+    if (round > 0 && (rows.size() == 1 || elapsed_ms() + round_us / 1000 > tuning::kTuneBudgetMs))
+      break;
+    for (int r : rows) times[r].push_back(time_us(r, s));
+  }
+  Entry e;
+  e.source = "measured";
+  e.rows = d.N;
+  e.screened_out = dropped;
+  for (auto& [r, t] : times) {
+    std::sort(t.begin(), t.end());
+    e.us.emplace_back(r, t[t.size() / 2]);
+  }
+  std::sort(e.us.begin(), e.us.end(), [](const auto& a, const auto& b) { return a.second < b.second; });
+  e.row = e.us.front().first;
+  e.cost_ms = elapsed_ms();
+  return e;
+}
+
+Entry measure_key(const Dims& d, c10::ScalarType dtype, bool full) {
+  return dtype == c10::ScalarType::Double ? measure<double>(d, full) : measure<float>(d, full);
+}
+
+}  // namespace
+
+Pick pick(const Dims& d, c10::ScalarType dtype) {
+  const std::vector<int>& candidates = auto_candidates();
+  if (step_flops(d) < tuning::kTuneMinFlops || candidates.size() == 1)
+    return {candidates.front(), "rule: below " + std::to_string(int64_t(tuning::kTuneMinFlops)) +
+                                    " flops per step our tuned kernels, unmeasured"};
+  const std::string key = key_of(d, dtype, at::get_num_threads());
+  Pick p;
+  std::string warning;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    load_wisdom_once();
+    auto it = entries.find(key);
+    if (it == entries.end()) {
+      it = entries.emplace(key, measure_key(d, dtype, false)).first;
+      save_wisdom();
+    }
+    p = {it->second.row, describe(it->second)};
+    warning.swap(pending_warning);
+  }
+  issue(std::move(warning));
+  return p;
+}
+
+std::string tune(const Dims& d, c10::ScalarType dtype, bool full) {
+  const std::string key = key_of(d, dtype, at::get_num_threads());
+  Entry e;
+  std::string warning;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    load_wisdom_once();
+    e = measure_key(d, dtype, full);
+    entries[key] = e;
+    save_wisdom();
+    warning.swap(pending_warning);
+  }
+  issue(std::move(warning));
+  std::ostringstream os;
+  os << "{\"key\": \"" << key << "\", \"pick\": \"" << variant_at(e.row).name
+     << "\", \"rows\": " << e.rows << ", \"cost_ms\": " << e.cost_ms << ", \"us\": {";
+  for (size_t i = 0; i < e.us.size(); ++i)
+    os << (i ? ", " : "") << "\"" << variant_at(e.us[i].first).name << "\": " << e.us[i].second;
+  os << "}, \"wisdom\": \"" << wisdom_path() << "\"}";
+  return os.str();
+}
+
+}  // namespace twolayer::cpu::tuner

@@ -1,0 +1,36 @@
+// "auto": the CPU variant for a problem, measured on the machine it runs on and remembered
+// (FFTW's wisdom, cuDNN's benchmark mode). The key is the training step (which sgd_step, the
+// fused loss and two_layer + l2_loss all run: they follow one choice), the dtype, the thread
+// count and a shape bucket (each of N, D_in, H, D_out rounded up to a power of two). The first
+// time a key is seen, the eligible variants (variants.h: auto_candidates) are timed in a few
+// short interleaved rounds, at most tuning::kTuneBudgetMs in all, and the fastest is kept:
+// for the process, and in a wisdom file keyed by CPU model, ISA, torch version and the build.
+//
+// The wisdom file: $TWOLAYER_WISDOM, else $XDG_CACHE_HOME/twolayer_ext/wisdom.txt (or
+// ~/.cache/...); TWOLAYER_WISDOM=off keeps the picks in memory only. A missing, corrupt,
+// read-only or stale file (another CPU, torch or build) never fails a call: its keys are
+// measured again, and one warning says why.
+#pragma once
+
+#include <c10/core/ScalarType.h>
+
+#include <string>
+
+#include "../checks.h"
+
+namespace twolayer::cpu::tuner {
+
+struct Pick {
+  int row;          // the variant table row (variants.h)
+  std::string why;  // "measured: blas 150 us, tuned-avx512 210 us", "wisdom: ...", "rule: ..."
+};
+
+// The variant auto runs for this float32/float64 problem at the current thread count:
+// remembered, read from the wisdom file, or measured now.
+Pick pick(const Dims& d, c10::ScalarType dtype);
+
+// Measures the key of this problem now, whatever is remembered, and remembers the result
+// (full: at the problem's own N, not the budget's). Returns it as a JSON object.
+std::string tune(const Dims& d, c10::ScalarType dtype, bool full);
+
+}  // namespace twolayer::cpu::tuner
