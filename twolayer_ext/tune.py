@@ -2,12 +2,12 @@
 
     python -m twolayer_ext.tune                          # the benchmark sizes, float32, this thread count
     python -m twolayer_ext.tune --size seed --size 256,512,256,16 --dtype float64 --threads 1 --threads 2
-    python -m twolayer_ext.tune --full --json picks.json  # measured at each size's own N
+    python -m twolayer_ext.tune --bounded --json picks.json  # as a first call would measure
 
-The first call of a new (dtype, thread count, shape bucket) measures the same way, within a
-time budget, by timing the step of each variant this CPU runs on fewer rows when a step is
-large; --full times the problem at its own size. Picks go to the wisdom file (TWOLAYER_WISDOM,
-else the user's cache folder; see README), so later processes reuse them.
+Ahead of time, each problem is timed at its own size. The first call of a new (dtype,
+thread count, shape bucket) measures the same way but within a time budget (about 70 ms), on
+fewer rows when a step is large; --bounded measures that way here. Picks go to the wisdom file
+(TWOLAYER_WISDOM, else the user's cache folder; see README), so later processes reuse them.
 """
 import argparse
 import json
@@ -32,7 +32,8 @@ def parse_args(argv=None):
                    help="repeatable (default float32)")
     p.add_argument("--threads", action="append", type=int,
                    help=f"repeatable (default {torch.get_num_threads()}, torch's)")
-    p.add_argument("--full", action="store_true", help="measure at each size's own N")
+    p.add_argument("--bounded", action="store_true",
+                   help="measure within the first call's budget, not at each size's own N")
     p.add_argument("--json", metavar="FILE", help="every measurement, as a JSON list")
     args = p.parse_args(argv)
     if any(t < 1 for t in args.threads or []):
@@ -51,7 +52,7 @@ def main(argv=None):
         torch.set_num_threads(threads)
         for dtype in args.dtype:
             for name, shape in args.size:
-                r = json.loads(_ops.cpu_kernel_tune(list(shape), DTYPES[dtype], args.full))
+                r = json.loads(_ops.cpu_kernel_tune(list(shape), DTYPES[dtype], not args.bounded))
                 r.update(size=name, shape=list(shape), dtype=dtype, threads=threads)
                 rows.append(r)
                 times = ", ".join(f"{k} {v:,.0f} us" for k, v in r["us"].items())

@@ -67,11 +67,19 @@ class OneBlasThread {
   int previous_ = 0;
 };
 
+// Set while a "blas-mt" kernel runs: its GEMMs are single BLAS calls on the BLAS's own threads.
+thread_local bool blas_own_threads = false;
+
 // out[M, N] = a @ b, or with accumulate out += alpha * a @ b, in row chunks on our threads.
 // The chunks depend on the shape only: at least tuning::kBlasChunkFlops each, at most
 // tuning::kBlasMaxChunks, rows a multiple of 16.
 void mm_rows(at::Tensor out, const at::Tensor& a, const at::Tensor& b, bool accumulate = false,
              double alpha = 1.0) {
+  if (blas_own_threads) {
+    if (accumulate) out.addmm_(a, b, 1.0, alpha);
+    else at::mm_out(out, a, b);
+    return;
+  }
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
   const double flops = 2.0 * double(M) * double(K) * double(N);
   const int64_t chunks = std::clamp<int64_t>(int64_t(flops / tuning::kBlasChunkFlops), 1,
@@ -266,3 +274,36 @@ double step(const StepArgs<T>& s) {
 TWOLAYER_INSTANTIATE_VARIANT
 
 }  // namespace twolayer::cpu::blas
+
+// "blas-mt": the same, but each GEMM one BLAS call on the BLAS's own (OpenMP) threads. Where
+// GEMMs are large, the BLAS's own partitioning beats row chunks (it shares its packed panels
+// between threads); but its barriers wait for a descheduled thread, and its bits may depend
+// on the thread count. auto offers it only for large steps (tuning::kBlasOwnThreadsMinFlops).
+namespace twolayer::cpu::blas_mt {
+
+namespace {
+struct OwnThreads {
+  OwnThreads() { blas::blas_own_threads = true; }
+  ~OwnThreads() { blas::blas_own_threads = false; }
+};
+}  // namespace
+
+template <typename T>
+void forward(const ForwardArgs<T>& a) {
+  const OwnThreads own;
+  blas::forward(a);
+}
+template <typename T>
+void backward(const BackwardArgs<T>& a) {
+  const OwnThreads own;
+  blas::backward(a);
+}
+template <typename T>
+double step(const StepArgs<T>& s) {
+  const OwnThreads own;
+  return blas::step(s);
+}
+
+TWOLAYER_INSTANTIATE_VARIANT
+
+}  // namespace twolayer::cpu::blas_mt

@@ -26,7 +26,7 @@ namespace {
 // Chunks per thread: more than one, so that a late worker's share is small pieces that
 // the others pick up.
 constexpr int64_t kChunksPerThread = 4;
-constexpr auto kSpin = std::chrono::microseconds(500);  // see pool.h
+constexpr auto kSpin = std::chrono::microseconds(50);
 
 thread_local bool in_region = false;
 thread_local bool use_pool = false;  // set by PoolScope

@@ -48,6 +48,16 @@ int64_t pow2_ceil(int64_t v) {
   return p;
 }
 
+// auto's candidates for this problem: "blas-mt" only for large steps (tuning.h).
+std::vector<int> candidates_for(const Dims& d) {
+  std::vector<int> rows;
+  for (int r : auto_candidates())
+    if (std::strcmp(variant_at(r).name, "blas-mt") != 0 ||
+        step_flops(d) >= tuning::kBlasOwnThreadsMinFlops)
+      rows.push_back(r);
+  return rows;
+}
+
 std::string key_of(const Dims& d, c10::ScalarType dtype, int threads) {
   std::ostringstream os;
   os << "step " << (dtype == c10::ScalarType::Double ? "float64" : "float32") << " t" << threads
@@ -272,7 +282,7 @@ Entry measure(const Dims& full, bool at_full_size) {
   auto elapsed_ms = [&] {
     return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
   };
-  std::vector<int> rows = auto_candidates();
+  std::vector<int> rows = candidates_for(full);
   // A screen on the first rows alone (also the warm-up: first touch, packing buffers) drops
   // the far slower candidates before they cost a full-size call.
   StepArgs<T> screen = s;
@@ -286,18 +296,26 @@ Entry measure(const Dims& full, bool at_full_size) {
   rows.erase(std::remove_if(rows.begin(), rows.end(),
                             [&](int r) { return screened[r] > tuning::kTuneDropRatio * best; }),
              rows.end());
-  // Then interleaved full-size rounds while the budget lasts (one at least).
+  // Then interleaved rounds while the budget lasts (one at least): at full size where the
+  // screen says a round fits the budget, else at the screen's size.
+  double round_us = 0;
+  for (int r : rows) round_us += screened[r] * double(d.N) / double(screen.d.N);
+  const bool fits = at_full_size || elapsed_ms() + round_us / 1000 <= tuning::kTuneBudgetMs;
+  const StepArgs<T>& timed = fits ? s : screen;
   std::map<int, std::vector<double>> times;
   for (int round = 0; round < tuning::kTuneRounds; ++round) {
-    double round_us = 0;
-    for (int r : rows) round_us += times[r].empty() ? 0.0 : times[r].back();
-    if (round > 0 && (rows.size() == 1 || elapsed_ms() + round_us / 1000 > tuning::kTuneBudgetMs))
-      break;
-    for (int r : rows) times[r].push_back(time_us(r, s));
+    if (round > 0) {
+      round_us = 0;
+      for (int r : rows) round_us += times[r].back();
+      if (rows.size() == 1 ||
+          (!at_full_size && elapsed_ms() + round_us / 1000 > tuning::kTuneBudgetMs))
+        break;
+    }
+    for (int r : rows) times[r].push_back(time_us(r, timed));
   }
   Entry e;
   e.source = "measured";
-  e.rows = d.N;
+  e.rows = timed.d.N;
   e.screened_out = dropped;
   for (auto& [r, t] : times) {
     std::sort(t.begin(), t.end());
@@ -316,7 +334,7 @@ Entry measure_key(const Dims& d, c10::ScalarType dtype, bool full) {
 }  // namespace
 
 Pick pick(const Dims& d, c10::ScalarType dtype) {
-  const std::vector<int>& candidates = auto_candidates();
+  const std::vector<int> candidates = candidates_for(d);
   if (step_flops(d) < tuning::kTuneMinFlops || candidates.size() == 1)
     return {candidates.front(), "rule: below " + std::to_string(int64_t(tuning::kTuneMinFlops)) +
                                     " flops per step our tuned kernels, unmeasured"};

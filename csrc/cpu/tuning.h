@@ -72,15 +72,19 @@ constexpr int64_t kElementwiseGrain = int64_t(1) << 15;
 // kTuneDropRatio times slower than the best; then up to kTuneRounds interleaved rounds,
 // within kTuneBudgetMs for the whole key.
 constexpr double kTuneMinFlops = 2e6;
-constexpr double kTuneMaxFlops = 6e8;
+constexpr double kTuneMaxFlops = 2e8;
 constexpr int64_t kTuneScreenFraction = 4;
 constexpr double kTuneDropRatio = 2.5;
 constexpr int kTuneRounds = 5;
-constexpr double kTuneBudgetMs = 80;
+constexpr double kTuneBudgetMs = 70;
 
 // The blas variant's GEMMs run on our threads in row chunks fixed by the shape: at least
 // kBlasChunkFlops each, at most kBlasMaxChunks.
 constexpr double kBlasChunkFlops = 4e6;
 constexpr int64_t kBlasMaxChunks = 8;
+// "blas-mt" (the BLAS on its own threads) is a candidate of auto's only for steps of at least
+// this many flops: there its threading beat the row chunks (large, Intel Xeon, 2 threads:
+// 95 vs 123 ms for the five GEMMs), and a barrier's wait on a busy core is small beside a GEMM.
+constexpr double kBlasOwnThreadsMinFlops = 2e9;
 
 }  // namespace twolayer::cpu::tuning

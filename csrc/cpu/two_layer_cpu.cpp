@@ -108,7 +108,6 @@ std::tuple<at::Tensor, at::Tensor> two_layer_fwd(const at::Tensor& x, const at::
   if (lowp::handles(x)) return lowp::two_layer_fwd(d, x, w1, w2, b1, b2);
   auto act = at::empty({d.N, d.H}, x.options());
   auto y = at::empty({d.N, d.D_out}, x.options());
-  const PoolScope pool;  // our pool (pool.h)
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "two_layer_fwd", [&] {
     using T = scalar_t;
     const ForwardArgs<T> a{d, view<T>(x), view<T>(w1), view<T>(w2), bias<const T>(b1),
@@ -131,7 +130,6 @@ Grads5 two_layer_bwd(const at::Tensor& grad_y, const OptTensor& x, const OptTens
   if (need_w2) grad_w2 = at::empty({d.H, d.D_out}, opts);
   if (need_b1) grad_b1 = at::empty({d.H}, opts);
   if (need_b2) grad_b2 = at::empty({d.D_out}, opts);
-  const PoolScope pool;  // our pool (pool.h)
   AT_DISPATCH_FLOATING_TYPES(act->scalar_type(), "two_layer_bwd", [&] {
     using T = scalar_t;
     const View<T> none{nullptr, 0, 0};
@@ -155,7 +153,6 @@ std::tuple<at::Tensor, OptTensor> l2_loss_fwd(const at::Tensor& pred, const at::
   auto loss = at::empty({}, pred.options());
   OptTensor grad;
   if (need_grad) grad = at::empty(pred.sizes(), pred.options());
-  const PoolScope pool;  // our pool (pool.h)
   AT_DISPATCH_FLOATING_TYPES(pred.scalar_type(), "l2_loss_fwd", [&] {
     // mean of an empty tensor is NaN, as in numpy and nn.MSELoss.
     const double scale = r == Reduction::Mean ? 1.0 / double(n) : 1.0;
@@ -192,7 +189,6 @@ FusedLossGrads two_layer_l2_loss_fwd(const at::Tensor& x, const at::Tensor& targ
   if (need_w2) grad_w2 = new_grad(w2, grad_transposed[1]);
   if (need_b1 && b1) grad_b1 = at::empty({d.H}, opts);
   if (need_b2 && b2) grad_b2 = at::empty({d.D_out}, opts);
-  const PoolScope pool;  // our pool (pool.h)
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "two_layer_l2_loss_fwd", [&] {
     using T = scalar_t;
     const StepArgs<T> s{d, view<T>(x), view<T>(target), view<T>(w1), view<T>(w2),
@@ -213,7 +209,7 @@ at::Tensor sgd_step(const at::Tensor& x, const at::Tensor& target, const at::Ten
   const bool mean = parse_reduction("sgd_step", reduction) == Reduction::Mean;
   if (lowp::handles(x)) return lowp::sgd_step(d, x, target, w1, w2, b1, b2, lr, mean, update);
   const auto [update_w1, update_w2, update_b1, update_b2] = update;
-  const PoolScope pool;  // our pool (pool.h)
+  const PoolScope pool;  // the whole step in one call: our pool (pool.h)
   auto loss = at::empty({}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sgd_step", [&] {
     using T = scalar_t;

@@ -21,6 +21,7 @@ namespace twolayer::cpu {
   X(tuned_avx2, "tuned-avx2", "avx2")        \
   X(tuned_portable, "tuned-portable", "")    \
   X(blas, "blas", "")                        \
+  X(blas_mt, "blas-mt", "")                  \
   X(reference, "reference", "")
 
 #define TWOLAYER_DECLARE(ns, name, isa) TWOLAYER_DECLARE_VARIANT(ns)
@@ -179,6 +180,7 @@ const std::vector<int>& auto_candidates() {
           (r.empty() || std::strcmp(kTable[i].name, "tuned-portable") != 0))
         r.push_back(i);
     r.push_back(row_of("blas"));
+    r.push_back(row_of("blas-mt"));
     return r;
   }();
   return rows;
