@@ -210,3 +210,26 @@ def test_bad_arguments_exit_2(args, capsys):
         bench.main(args)
     assert e.value.code == 2
     assert "error: " in capsys.readouterr().err
+
+
+def test_routes_reports_each_route_and_optimizer(capsys):
+    from twolayer_ext import routes
+    assert routes.main(["--size", "9,7,6,3", "--size", "mlp", "--rounds", "1", "--block", "0.0005",
+                        "--threads", "1", "--dtype", "float64"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    header = out[1]
+    for col in ("sgd_step", "fused f+b", "seq f+b", "floor", "SGD foreach", "Adam fused",
+                "f+b/sgd", "vs seq+SGD"):
+        assert col in header
+    rows = [line for line in out[2:] if line.split()[:2] in (["9,7,6,3", "float64"], ["mlp", "float64"])]
+    assert len(rows) == 2 and all(line.rstrip().endswith("x") for line in rows)
+    assert any("AdamW + clip, whole step" in line for line in out)
+
+
+def test_bench_table_names_the_variant_each_cell_ran(tmp_path):
+    out = tmp_path / "b.json"
+    bench.main([*FAST, "--backend", "module", "--backend", "sgd_step", "--backend",
+                "sgd_step[reference]", "--json", str(out)])
+    rows = {r["backend"]: r for r in json.loads(out.read_text())["results"]}
+    assert rows["module"]["variant"] == "-" and rows["sgd_step[reference]"]["variant"] == "reference"
+    assert rows["sgd_step"]["variant"] in twolayer_ext.CPU_VARIANTS

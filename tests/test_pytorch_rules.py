@@ -130,6 +130,9 @@ def test_an_overflowing_loss_is_inf(dtype, reduction, device):
 
 def test_an_overflowing_fused_loss_and_sgd_step_return_inf(device):
     net = tl.TwoLayerNet(4, 4, 4, device=device)
+    with torch.no_grad():  # every unit active: y grows with x
+        for p in net.parameters():
+            p.fill_(0.1)
     x, y = torch.full((3, 4), 1e22, device=device), torch.zeros(3, 4, device=device)
     assert torch.isinf(nn.functional.mse_loss(net(x), y, reduction="sum"))  # torch's answer
     assert torch.isinf(net.loss(x, y))
