@@ -51,8 +51,9 @@ demo: build
 bench: build
 	$(PY) -m twolayer_ext.bench
 
-# Compiles the CUDA build with no GPU (own venv with a CUDA torch), then checks that
-# tools/gpu_check.sh fails loudly without a GPU (its dry run); see tools/cuda_check.sh.
+# Compiles the CUDA build with no GPU (own venv with a CUDA torch), runs tools/gpu_check.sh
+# --dry-run (every step that needs no GPU), then checks that the real run stops at its
+# preflight without a GPU; see tools/cuda_check.sh.
 cuda-check:
 	bash tools/cuda_check.sh
 
