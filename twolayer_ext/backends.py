@@ -198,21 +198,29 @@ def build_sgd_step(p: Problem, optimizer: str) -> Runner:
                   lambda: _to_numpy(w))
 
 
-def build_gemm_floor(p: Problem, optimizer: str) -> Runner:
-    """Not a training step: the five bare torch.mm calls of one (BLAS / cuBLAS), as a floor."""
-    x, y, w = _tensors(p)
-    w1, w2 = w["w1"], w["w2"]
+def five_gemms(x, y, w1, w2) -> Callable[[], None]:
+    """The five bare torch.mm calls of a step (forward 2, backward 3, no grad_x) into buffers
+    of their own: the BLAS / cuBLAS floor of any unfused step."""
     h = x.new_empty(x.shape[0], w1.shape[1])
     out, gh = x.new_empty(y.shape), torch.empty_like(h)
     gw1, gw2 = torch.empty_like(w1), torch.empty_like(w2)
-    zero = torch.zeros((), device=p.device)
 
-    def step():
+    def gemms():
         torch.mm(x, w1, out=h)
         torch.mm(h, w2, out=out)
         torch.mm(h.t(), y, out=gw2)
         torch.mm(y, w2.t(), out=gh)
         torch.mm(x.t(), gh, out=gw1)
+    return gemms
+
+
+def build_gemm_floor(p: Problem, optimizer: str) -> Runner:
+    """Not a training step: the five bare torch.mm calls of one, as a floor."""
+    x, y, w = _tensors(p)
+    gemms, zero = five_gemms(x, y, w["w1"], w["w2"]), torch.zeros((), device=p.device)
+
+    def step():
+        gemms()
         return zero
     return Runner(step, lambda: _to_numpy(w))
 
