@@ -268,7 +268,7 @@ def _l2_loss_bwd_fake(grad_loss, grad):
     torch._check_value(grad_loss.numel() == 1, lambda: (
         f"l2_loss (backward): grad_loss must have one element, got shape {list(grad_loss.shape)}"))
     _fake_check_like("l2_loss (backward)", "grad_loss", grad_loss, "grad", grad)
-    return grad.new_empty(grad.shape)
+    return torch.empty_like(grad)  # at::mul keeps a dense grad's layout (a transposed one too)
 
 
 def _fake_check_with_target(fn, x, target, w1, w2, b1, b2):
