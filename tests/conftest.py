@@ -6,6 +6,22 @@ import os
 # user's wisdom file is never read or written by them.
 os.environ.setdefault("TWOLAYER_WISDOM", "off")
 
+
+def _inductor_cache_dir():
+    """Inductor's cache keyed by this build of the package: its cache key does not cover our
+    fake kernels' Python, so a graph compiled against an older fake would be reused."""
+    import hashlib
+    import pathlib
+    import tempfile
+    pkg = pathlib.Path(__file__).resolve().parent.parent / "twolayer_ext"
+    digest = hashlib.sha256()
+    for f in sorted(pkg.glob("*.py")) + sorted(pkg.glob("_C*.so")):
+        digest.update(f.read_bytes())
+    return os.path.join(tempfile.gettempdir(), f"twolayer-inductor-{digest.hexdigest()[:16]}")
+
+
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", _inductor_cache_dir())
+
 import numpy as np
 import pytest
 import torch
