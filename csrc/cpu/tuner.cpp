@@ -290,12 +290,9 @@ Entry measure(const Dims& full, bool at_full_size) {
   std::map<int, double> screened;
   double best = INFINITY;
   for (int r : rows) best = std::min(best, screened[r] = time_us(r, screen));
-  std::vector<int> dropped;
-  for (int r : rows)
-    if (screened[r] > tuning::kTuneDropRatio * best) dropped.push_back(r);
-  rows.erase(std::remove_if(rows.begin(), rows.end(),
-                            [&](int r) { return screened[r] > tuning::kTuneDropRatio * best; }),
-             rows.end());
+  std::vector<int> kept, dropped;
+  for (int r : rows) (screened[r] > tuning::kTuneDropRatio * best ? dropped : kept).push_back(r);
+  rows.swap(kept);
   // Then interleaved rounds while the budget lasts (one at least): at full size where the
   // screen says a round fits the budget, else at the screen's size.
   double round_us = 0;
