@@ -3,8 +3,8 @@
 // policy of linear/addmm, as nn.Linear), l2_loss in float32 (the fp32 policy of mse_loss, as
 // nn.MSELoss), and two_layer_l2_loss is those two, so both losses are float32 throughout.
 // Each kernel casts the floating tensor arguments (not float64 ones, and not tensors on
-// another device type, as autocast leaves those alone), then calls the op again with the autocast key excluded, so it reaches autograd (which records the
-// casts) and the device kernels. sgd_step has none: it updates its weights in place, and a
+// another device type, as autocast leaves those alone), then calls the op again with the
+// autocast key excluded, so it reaches autograd (which records the casts) and the device kernels. sgd_step has none: it updates its weights in place, and a
 // cast copy would be updated instead; it runs in its arguments' dtype, like torch.optim.
 #include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -36,17 +36,14 @@ at::Tensor cast_and_call(const char* name, const Args&... args) {
 template <c10::DeviceType dev>
 at::Tensor two_layer_autocast(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
                               const OptTensor& b1, const OptTensor& b2) {
-  using Sig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                         const OptTensor&, const OptTensor&);
-  return cast_and_call<dev, Policy::LowerPrecision, Sig>("twolayer_ext::two_layer", x, w1, w2,
+  return cast_and_call<dev, Policy::LowerPrecision, sig::two_layer>("twolayer_ext::two_layer", x, w1, w2,
                                                          b1, b2);
 }
 
 template <c10::DeviceType dev>
 at::Tensor l2_loss_autocast(const at::Tensor& pred, const at::Tensor& target,
                             c10::string_view reduction) {
-  using Sig = at::Tensor(const at::Tensor&, const at::Tensor&, c10::string_view);
-  return cast_and_call<dev, Policy::Float32, Sig>("twolayer_ext::l2_loss", pred, target,
+  return cast_and_call<dev, Policy::Float32, sig::l2_loss>("twolayer_ext::l2_loss", pred, target,
                                                   reduction);
 }
 

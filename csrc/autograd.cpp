@@ -12,8 +12,8 @@
 //
 // Without autograd (no_grad, inference_mode, nothing requires grad) the same public ops
 // run their CompositeExplicitAutograd kernel: the forward op alone, no gradients.
-// The backward ops refuse a second differentiation with a clear error; the other kernel
-// ops run below autograd, without history.
+// The kernel ops (forward and backward) run below autograd; a derivative through what they
+// return is refused by one node, NoDerivative, with a clear error.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/neg.h>
 #include <torch/csrc/autograd/function.h>
@@ -42,8 +42,9 @@ c10::TypedOperatorHandle<Sig> op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
 
-#define TWOLAYER_OP(var, name, sig) \
-  static const auto var = op<sig>("twolayer_ext::" name)
+// The kernel op `name`, typed by its row in op_table.h.
+#define TWOLAYER_OP(var, name) \
+  static const auto var = op<sig::name>("twolayer_ext::" #name)
 
 bool needs_grad(const at::Tensor& t) { return t.defined() && t.requires_grad(); }
 bool needs_grad(const OptTensor& t) { return t && t->requires_grad(); }
@@ -81,13 +82,35 @@ c10::intrusive_ptr<NodeT> make_node(torch::autograd::edge_list edges) {
   return node;
 }
 
+// ---- no second derivative --------------------------------------------------------------------
+
+// The public op a kernel op serves (op_table.h).
+const char* public_op_of(c10::string_view kernel) {
+#define TWOLAYER_PUBLIC_OF(name, pub, args, rets, ret, params) \
+  if (kernel == #name) return #pub;
+  TWOLAYER_KERNEL_OPS(TWOLAYER_PUBLIC_OF)
+#undef TWOLAYER_PUBLIC_OF
+  return "twolayer_ext";
+}
+
+// The one node that refuses a second derivative: the history given to what a kernel op
+// returns from inputs that require grad (kernel_op_autograd below), and to the gradients a
+// loss's backward returns under create_graph=True. A derivative through it is an error,
+// never silently zero.
+struct NoDerivative : Node {
+  std::string kernel;  // the kernel op, without the namespace
+  std::string name() const override { return "NoDerivative"; }
+  variable_list apply(variable_list&&) override {
+    TORCH_CHECK(false, "twolayer_ext: double backward (create_graph=True, then a second "
+                "backward) and higher-order derivatives (hessian, torch.func.grad of grad, "
+                "jacrev of jacrev) through ", public_op_of(kernel), " are not supported: ",
+                kernel, " has no derivative formula (the public ops differentiate once); use "
+                "the torch reference implementation for higher-order gradients");
+  }
+};
+
 // ---- two_layer -----------------------------------------------------------------------------
 
-using TwoLayerFwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                          const at::Tensor&, const OptTensor&,
-                                                          const OptTensor&);
-using TwoLayerBwdSig = Grads5(const at::Tensor&, const OptTensor&, const OptTensor&,
-                              const at::Tensor&, const at::Tensor&, std::array<bool, 5>);
 
 struct TwoLayerBackward : Node {
   SavedVariable x, w1, w2, act;
@@ -97,7 +120,7 @@ struct TwoLayerBackward : Node {
     x.reset_data(), w1.reset_data(), w2.reset_data(), act.reset_data();
   }
   variable_list apply(variable_list&& grads) override {
-    TWOLAYER_OP(bwd, "two_layer_bwd", TwoLayerBwdSig);
+    TWOLAYER_OP(bwd, two_layer_bwd);
     variable_list out(5);
     if (!grads[0].defined()) return out;  // y unused: every gradient is zero (None)
     const at::Tensor xs = x.unpack(), w1s = w1.unpack();
@@ -111,7 +134,7 @@ struct TwoLayerBackward : Node {
 
 at::Tensor two_layer_autograd(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
                               const OptTensor& b1, const OptTensor& b2) {
-  TWOLAYER_OP(fwd, "two_layer_fwd", TwoLayerFwdSig);
+  TWOLAYER_OP(fwd, two_layer_fwd);
   refuse_forward_ad("two_layer", x, w1, w2, b1, b2);
   auto [y, act] = below_autograd([&] { return fwd.call(x, w1, w2, b1, b2); });
   const std::array<bool, 5> mask{needs_grad(x), needs_grad(w1), needs_grad(w2), needs_grad(b1),
@@ -131,19 +154,6 @@ at::Tensor two_layer_autograd(const at::Tensor& x, const at::Tensor& w1, const a
 
 // ---- l2_loss -------------------------------------------------------------------------------
 
-using L2LossFwdSig = std::tuple<at::Tensor, OptTensor>(const at::Tensor&, const at::Tensor&,
-                                                       c10::string_view, bool);
-using L2LossBwdSig = at::Tensor(const at::Tensor&, const at::Tensor&);
-
-struct RefuseDoubleBackward : Node {
-  std::string public_name;
-  std::string name() const override { return "RefuseDoubleBackward"; }
-  variable_list apply(variable_list&&) override {
-    TORCH_CHECK(false, "twolayer_ext: double backward (create_graph=True, then a second backward) "
-                "through ", public_name, " is not supported; use the torch reference "
-                "implementation for higher-order gradients");
-  }
-};
 
 // A CPU tensor whose value can be read here: not a fake, functional, batched or wrapped one
 // (torch.compile, opcheck and torch.func trace through the node without values).
@@ -164,7 +174,7 @@ struct ScaleSavedGrads : Node {
     for (auto& s : saved) s.reset_data();
   }
   variable_list apply(variable_list&& grads) override {
-    TWOLAYER_OP(scale, "l2_loss_bwd", L2LossBwdSig);
+    TWOLAYER_OP(scale, l2_loss_bwd);
     variable_list out(saved.size());
     if (!grads[0].defined()) return out;
     // loss.backward() seeds 1: the saved gradients are the answer, unscaled. When the graph
@@ -186,8 +196,8 @@ struct ScaleSavedGrads : Node {
     // create_graph=True: the saved gradients are constants to autograd, so these results
     // would silently have no history; give them one that refuses a second backward.
     if (c10::GradMode::is_enabled()) {
-      auto refuse = c10::make_intrusive<RefuseDoubleBackward>();
-      refuse->public_name = node_name == "L2LossBackward" ? "l2_loss" : "two_layer_l2_loss";
+      auto refuse = c10::make_intrusive<NoDerivative>();
+      refuse->kernel = "l2_loss_bwd";
       refuse->set_next_edges(torch::autograd::edge_list(next_edges()));
       for (auto& g : out)
         if (g.defined() && !g.requires_grad()) torch::autograd::set_history(g, refuse);
@@ -198,7 +208,7 @@ struct ScaleSavedGrads : Node {
 
 at::Tensor l2_loss_autograd(const at::Tensor& pred, const at::Tensor& target,
                             c10::string_view reduction) {
-  TWOLAYER_OP(fwd, "l2_loss_fwd", L2LossFwdSig);
+  TWOLAYER_OP(fwd, l2_loss_fwd);
   refuse_forward_ad("l2_loss", pred, target);
   const bool need_pred = needs_grad(pred), need_target = needs_grad(target);
   const bool grad = c10::GradMode::is_enabled() && (need_pred || need_target);
@@ -215,15 +225,12 @@ at::Tensor l2_loss_autograd(const at::Tensor& pred, const at::Tensor& target,
 
 // ---- two_layer_l2_loss ---------------------------------------------------------------------
 
-using FusedLossFwdSig = FusedLossGrads(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                       const at::Tensor&, const OptTensor&, const OptTensor&,
-                                       c10::string_view, std::array<bool, 6>, std::array<bool, 2>);
 
 at::Tensor two_layer_l2_loss_autograd(const at::Tensor& x, const at::Tensor& target,
                                       const at::Tensor& w1, const at::Tensor& w2,
                                       const OptTensor& b1, const OptTensor& b2,
                                       c10::string_view reduction) {
-  TWOLAYER_OP(fwd, "two_layer_l2_loss_fwd", FusedLossFwdSig);
+  TWOLAYER_OP(fwd, two_layer_l2_loss_fwd);
   refuse_forward_ad("two_layer_l2_loss", x, target, w1, w2, b1, b2);
   std::array<bool, 6> mask{needs_grad(x), needs_grad(target), needs_grad(w1),
                            needs_grad(w2), needs_grad(b1), needs_grad(b2)};
@@ -250,13 +257,13 @@ at::Tensor two_layer_l2_loss_autograd(const at::Tensor& x, const at::Tensor& tar
 
 at::Tensor two_layer_plain(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
                            const OptTensor& b1, const OptTensor& b2) {
-  TWOLAYER_OP(fwd, "two_layer_fwd", TwoLayerFwdSig);
+  TWOLAYER_OP(fwd, two_layer_fwd);
   return std::get<0>(fwd.call(x, w1, w2, b1, b2));
 }
 
 at::Tensor l2_loss_plain(const at::Tensor& pred, const at::Tensor& target,
                          c10::string_view reduction) {
-  TWOLAYER_OP(fwd, "l2_loss_fwd", L2LossFwdSig);
+  TWOLAYER_OP(fwd, l2_loss_fwd);
   return std::get<0>(fwd.call(pred, target, reduction, false));
 }
 
@@ -264,56 +271,17 @@ at::Tensor two_layer_l2_loss_plain(const at::Tensor& x, const at::Tensor& target
                                    const at::Tensor& w1, const at::Tensor& w2,
                                    const OptTensor& b1, const OptTensor& b2,
                                    c10::string_view reduction) {
-  TWOLAYER_OP(fwd, "two_layer_l2_loss_fwd", FusedLossFwdSig);
+  TWOLAYER_OP(fwd, two_layer_l2_loss_fwd);
   return std::get<0>(fwd.call(x, target, w1, w2, b1, b2, reduction, {}, {}));
 }
 
-// ---- the backward ops: differentiable once, refused twice -----------------------------------
+// ---- the kernel ops: computed below autograd, never differentiated ----------------------------
 
-// Outputs that will be differentiated (create_graph=True) get a node that refuses.
-template <typename... Inputs>
-void refuse_double_backward(const char* public_name, const std::vector<at::Tensor>& outputs,
-                            const Inputs&... inputs) {
-  if (!c10::GradMode::is_enabled() || !(needs_grad(inputs) || ...)) return;
-  auto node = make_node<RefuseDoubleBackward>(torch::autograd::collect_next_edges(inputs...));
-  node->public_name = public_name;
-  for (const auto& t : outputs) torch::autograd::set_history(t, node);
-}
-
-Grads5 two_layer_bwd_autograd(const at::Tensor& grad_y, const OptTensor& x, const OptTensor& w1,
-                              const at::Tensor& w2, const at::Tensor& act,
-                              std::array<bool, 5> mask) {
-  TWOLAYER_OP(bwd, "two_layer_bwd", TwoLayerBwdSig);
-  auto grads = below_autograd([&] { return bwd.call(grad_y, x, w1, w2, act, mask); });
-  std::vector<at::Tensor> defined;
-  std::apply([&](auto&... g) { ((g ? defined.push_back(*g) : void()), ...); }, grads);
-  refuse_double_backward("two_layer", defined, grad_y, x, w1, w2, act);
-  return grads;
-}
-
-at::Tensor l2_loss_bwd_autograd(const at::Tensor& grad_loss, const at::Tensor& grad) {
-  TWOLAYER_OP(scale, "l2_loss_bwd", L2LossBwdSig);
-  auto out = below_autograd([&] { return scale.call(grad_loss, grad); });
-  refuse_double_backward("l2_loss", {out}, grad_loss, grad);
-  return out;
-}
-
-// The forward kernel ops are internal: differentiate through the public ops. Reached by
-// autograd only when called directly, or from an outer torch.func transform differentiating
-// a gradient (grad of grad, jacrev of jacrev): they compute below autograd, and an output of
-// inputs that require grad gets a node that refuses backward, so a derivative through them
-// is an error, never silently zero.
-struct NoDerivative : Node {
-  std::string op_name;
-  std::string name() const override { return "NoDerivative"; }
-  variable_list apply(variable_list&&) override {
-    TORCH_CHECK(false, "twolayer_ext: ", op_name, " has no derivative formula: it is the kernel "
-                "behind the public ops, which differentiate once. Higher-order derivatives "
-                "(double backward, hessian, torch.func.grad of grad, jacrev of jacrev) through "
-                "twolayer_ext are not supported; use the torch reference implementation");
-  }
-};
-
+// The kernel ops are internal: differentiate through the public ops. Autograd reaches them
+// when they are called directly, in a backward under create_graph=True (the backward ops),
+// or from an outer torch.func transform differentiating a gradient (grad of grad, jacrev of
+// jacrev): they compute below autograd, and what they return from inputs that require grad
+// gets a NoDerivative history.
 void kernel_op_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
                         torch::jit::Stack* stack) {
   const auto n_in = op.schema().arguments().size();
@@ -336,7 +304,7 @@ void kernel_op_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
   }
   if (!any) return;
   auto node = make_node<NoDerivative>(std::move(edges));
-  node->op_name = name;
+  node->kernel = name.substr(name.find("::") + 2);
   const auto n_out = op.schema().returns().size();
   for (auto it = stack->end() - n_out; it != stack->end(); ++it)
     if (it->isTensor() && it->toTensor().is_floating_point())
@@ -358,10 +326,7 @@ at::Tensor sgd_step_inplace(c10::DispatchKeySet keys, const at::Tensor& x, const
                             const at::Tensor& w1, const at::Tensor& w2, const OptTensor& b1,
                             const OptTensor& b2, double lr, c10::string_view reduction,
                             std::array<bool, 4> update) {
-  using Sig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                         const at::Tensor&, const OptTensor&, const OptTensor&, double,
-                         c10::string_view, std::array<bool, 4>);
-  TWOLAYER_OP(step, "sgd_step", Sig);
+  TWOLAYER_OP(step, sgd_step);
   at::Tensor loss;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
@@ -381,14 +346,13 @@ TORCH_LIBRARY_IMPL(twolayer_ext, ADInplaceOrView, m) {
 }
 
 TORCH_LIBRARY_IMPL(twolayer_ext, Autograd, m) {
-  for (const char* name : {"two_layer_fwd", "l2_loss_fwd", "two_layer_l2_loss_fwd"})
+  for (const char* name : {"two_layer_fwd", "two_layer_bwd", "l2_loss_fwd", "l2_loss_bwd",
+                           "two_layer_l2_loss_fwd"})
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&kernel_op_autograd>());
   m.impl("sgd_step", torch::CppFunction::makeFromBoxedFunction<&sgd_step_autograd>());
   m.impl("two_layer", &two_layer_autograd);
   m.impl("l2_loss", &l2_loss_autograd);
   m.impl("two_layer_l2_loss", &two_layer_l2_loss_autograd);
-  m.impl("two_layer_bwd", &two_layer_bwd_autograd);
-  m.impl("l2_loss_bwd", &l2_loss_bwd_autograd);
 }
 
 TORCH_LIBRARY_IMPL(twolayer_ext, CompositeExplicitAutograd, m) {

@@ -8,6 +8,8 @@
 
 #include <optional>
 
+#include "op_table.h"
+
 namespace twolayer {
 
 enum class Reduction { Sum, Mean };
@@ -54,7 +56,7 @@ void check_like(const char* op, const char* name, const at::Tensor& t, const cha
                 const at::Tensor& ref);
 
 // `t` must have exactly `shape` (no broadcasting).
-void check_shape(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape,
+void check_shape(const char* op, const char* name, const at::Tensor& t, c10::SymIntArrayRef shape,
                  const char* shape_desc);
 
 // A floating dtype with kernels: float32, float64, float16 or bfloat16 (CPU and CUDA).
@@ -63,5 +65,13 @@ void check_float(const char* op, const char* name, const at::Tensor& t);
 // Tensors written in place must not overlap themselves or any other argument.
 void check_writable_and_disjoint(const char* op, const char* name, const at::Tensor& t,
                                  std::initializer_list<std::pair<const char*, const at::Tensor*>> others);
+
+// One check per kernel op, taking the op's own arguments (op_table.h): what its kernels check
+// on every device, and what its fake kernel runs (as the op `<name>_check`) under torch.compile.
+namespace check {
+#define TWOLAYER_DECLARE_CHECK(name, pub, args, rets, ret, params) void name params;
+TWOLAYER_KERNEL_OPS(TWOLAYER_DECLARE_CHECK)
+#undef TWOLAYER_DECLARE_CHECK
+}  // namespace check
 
 }  // namespace twolayer

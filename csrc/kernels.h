@@ -9,47 +9,12 @@
 // second N x H tensor.
 #pragma once
 
-#include <ATen/core/Tensor.h>
-#include <c10/util/string_view.h>
-
-#include <array>
-#include <optional>
-#include <string>
-#include <tuple>
+#include "op_table.h"
 
 namespace twolayer {
 
-using OptTensor = std::optional<at::Tensor>;
-// Gradients in the argument order: (x, w1, w2, b1, b2); the fused loss adds target after x.
-using Grads5 = std::tuple<OptTensor, OptTensor, OptTensor, OptTensor, OptTensor>;
-using FusedLossGrads =
-    std::tuple<at::Tensor, OptTensor, OptTensor, OptTensor, OptTensor, OptTensor, OptTensor>;
-
-// The op kernels of one device, declared alike for each.
-#define TWOLAYER_DECLARE_OP_KERNELS                                                          \
-  std::tuple<at::Tensor, at::Tensor> two_layer_fwd(const at::Tensor& x, const at::Tensor& w1, \
-                                                   const at::Tensor& w2, const OptTensor& b1, \
-                                                   const OptTensor& b2);                     \
-  Grads5 two_layer_bwd(const at::Tensor& grad_y, const OptTensor& x, const OptTensor& w1,     \
-                       const at::Tensor& w2, const at::Tensor& act,                          \
-                       std::array<bool, 5> output_mask);                                     \
-  std::tuple<at::Tensor, OptTensor> l2_loss_fwd(const at::Tensor& pred,                      \
-                                                const at::Tensor& target,                    \
-                                                c10::string_view reduction, bool need_grad); \
-  at::Tensor l2_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& grad);               \
-  /* The loss of two_layer + l2_loss and, in the same call, the gradients output_mask asks  \
-     for (x, target, w1, w2, b1, b2). */                                                     \
-  FusedLossGrads two_layer_l2_loss_fwd(const at::Tensor& x, const at::Tensor& target,        \
-                                       const at::Tensor& w1, const at::Tensor& w2,           \
-                                       const OptTensor& b1, const OptTensor& b2,             \
-                                       c10::string_view reduction,                          \
-                                       std::array<bool, 6> output_mask,                     \
-                                       std::array<bool, 2> grad_transposed);                \
-  /* Forward, loss, backward at the current weights, then w -= lr * grad in place for each \
-     of w1, w2, b1, b2 present and set in `update`. Returns the loss before the update. */  \
-  at::Tensor sgd_step(const at::Tensor& x, const at::Tensor& target, const at::Tensor& w1,   \
-                      const at::Tensor& w2, const OptTensor& b1, const OptTensor& b2,        \
-                      double lr, c10::string_view reduction, std::array<bool, 4> update);
+// The op kernels of one device, declared alike for each (op_table.h).
+#define TWOLAYER_DECLARE_KERNEL(name, pub, args, rets, ret, params) ret name params;
 
 // A weight that is a transposed contiguous matrix (TwoLayerNet's w1, w2: views of its
 // nn.Linear-layout parameters): the fused loss asks for its gradient in that same layout
@@ -62,15 +27,15 @@ inline bool transposed_layout(const at::Tensor& w) {
 }
 
 namespace cpu {
-TWOLAYER_DECLARE_OP_KERNELS
+TWOLAYER_KERNEL_OPS(TWOLAYER_DECLARE_KERNEL)
 }  // namespace cpu
 
 #ifdef TWOLAYER_WITH_CUDA
 namespace cuda {
-TWOLAYER_DECLARE_OP_KERNELS
+TWOLAYER_KERNEL_OPS(TWOLAYER_DECLARE_KERNEL)
 }  // namespace cuda
 #endif
 
-#undef TWOLAYER_DECLARE_OP_KERNELS
+#undef TWOLAYER_DECLARE_KERNEL
 
 }  // namespace twolayer

@@ -6,7 +6,10 @@
 
 #include "cpu/tuner.h"
 #include "cpu/variants.h"
+#include "checks.h"
 #include "kernels.h"
+
+#include <string>
 
 extern "C" {
 PyObject* PyInit__C(void) {
@@ -15,38 +18,29 @@ PyObject* PyInit__C(void) {
 }
 }
 
-// Tensors come in one order everywhere: x, w1, w2, b1, b2, with target after x where
-// there is one; gradients and output_mask follow the same order.
-TORCH_LIBRARY(twolayer_ext, m) {
-  // The public, differentiable ops (autograd formulas in autograd.cpp).
-  // y = relu(x @ w1 + b1) @ w2 + b2
-  m.def("two_layer(Tensor x, Tensor w1, Tensor w2, Tensor? b1=None, Tensor? b2=None) -> Tensor");
-  // Sum or mean of (pred - target)^2, 0-dim.
-  m.def("l2_loss(Tensor pred, Tensor target, str reduction=\"sum\") -> Tensor");
-  // l2_loss(two_layer(x, w1, w2, b1, b2), target, reduction), its gradients made in the forward.
-  m.def("two_layer_l2_loss(Tensor x, Tensor target, Tensor w1, Tensor w2, Tensor? b1=None,"
-        " Tensor? b2=None, str reduction=\"sum\") -> Tensor");
+namespace {
+// A check op's schema: the kernel op's arguments without alias annotations (a check reads only).
+std::string check_schema(const char* name, const char* args) {
+  std::string s = std::string(name) + "_check" + args + " -> ()";
+  for (size_t i = 0; (i = s.find("!)", i)) != std::string::npos;) s.erase(i - 2, 4);  // "(a!)"
+  return s;
+}
+}  // namespace
 
-  // The kernels behind them, per device. act is what the backward needs (see kernels.h).
-  m.def("two_layer_fwd(Tensor x, Tensor w1, Tensor w2, Tensor? b1, Tensor? b2) -> (Tensor y, Tensor act)");
-  // Gradients for (x, w1, w2, b1, b2); only those set in output_mask are computed.
-  m.def("two_layer_bwd(Tensor grad_y, Tensor? x, Tensor? w1, Tensor w2, Tensor act, bool[5] output_mask)"
-        " -> (Tensor? grad_x, Tensor? grad_w1, Tensor? grad_w2, Tensor? grad_b1, Tensor? grad_b2)");
-  // Sum or mean of squared error and, in the same pass, its gradient wrt pred.
-  m.def("l2_loss_fwd(Tensor pred, Tensor target, str reduction, bool need_grad) -> (Tensor loss, Tensor? grad)");
-  // grad_loss (0-dim) * grad: a loss's backward, an op of its own so that double backward fails loudly.
-  m.def("l2_loss_bwd(Tensor grad_loss, Tensor grad) -> Tensor");
-  // The fused loss and the gradients output_mask asks for, for (x, target, w1, w2, b1, b2).
-  // grad_transposed: grad_w1 / grad_w2 returned as the transpose of a row-major [H, D_in] /
-  // [D_out, H] (the layout of TwoLayerNet's nn.Linear parameters; kernels.h).
-  m.def("two_layer_l2_loss_fwd(Tensor x, Tensor target, Tensor w1, Tensor w2, Tensor? b1,"
-        " Tensor? b2, str reduction, bool[6] output_mask, bool[2] grad_transposed=[False, False])"
-        " -> (Tensor loss, Tensor? grad_x, Tensor? grad_target, Tensor? grad_w1, Tensor? grad_w2,"
-        " Tensor? grad_b1, Tensor? grad_b2)");
-  // Forward, loss, backward and w -= lr * grad for each weight set in update (w1, w2, b1, b2),
-  // in one call (weights mutated).
-  m.def("sgd_step(Tensor x, Tensor target, Tensor(a!) w1, Tensor(b!) w2, Tensor(c!)? b1,"
-        " Tensor(d!)? b2, float lr, str reduction, bool[4] update) -> Tensor loss");
+TORCH_LIBRARY(twolayer_ext, m) {
+  // The ops and their schemas, from op_table.h.
+#define TWOLAYER_DEF(name, pub, args, rets, ret, params) m.def(#name args " -> " rets);
+  TWOLAYER_PUBLIC_OPS(TWOLAYER_DEF)
+  TWOLAYER_KERNEL_OPS(TWOLAYER_DEF)
+#undef TWOLAYER_DEF
+  // Each kernel op's argument check alone (checks.h): the fake kernels call these, so a bad
+  // call under torch.compile or on meta tensors fails with the real kernels' words.
+#define TWOLAYER_DEF_CHECK(name, pub, args, rets, ret, params) \
+  m.def(check_schema(#name, args).c_str(),                              \
+        torch::dispatch(c10::DispatchKey::CompositeImplicitAutograd, &twolayer::check::name));
+  TWOLAYER_KERNEL_OPS(TWOLAYER_DEF_CHECK)
+#undef TWOLAYER_DEF_CHECK
+
   // The CPU kernel variants (cpu/variants.h): the choice (process-wide or this thread's), and the table.
   m.def("set_cpu_kernel(str name, bool this_thread=False) -> str",
         [](c10::string_view name, bool this_thread) {
@@ -79,22 +73,14 @@ TORCH_LIBRARY(twolayer_ext, m) {
   });
 }
 
-TORCH_LIBRARY_IMPL(twolayer_ext, CPU, m) {
-  m.impl("two_layer_fwd", &twolayer::cpu::two_layer_fwd);
-  m.impl("two_layer_bwd", &twolayer::cpu::two_layer_bwd);
-  m.impl("l2_loss_fwd", &twolayer::cpu::l2_loss_fwd);
-  m.impl("l2_loss_bwd", &twolayer::cpu::l2_loss_bwd);
-  m.impl("two_layer_l2_loss_fwd", &twolayer::cpu::two_layer_l2_loss_fwd);
-  m.impl("sgd_step", &twolayer::cpu::sgd_step);
-}
+#define TWOLAYER_IMPL(name, pub, args, rets, ret, params) m.impl(#name, &DEVICE::name);
+#define DEVICE twolayer::cpu
+TORCH_LIBRARY_IMPL(twolayer_ext, CPU, m) { TWOLAYER_KERNEL_OPS(TWOLAYER_IMPL) }
+#undef DEVICE
 
 #ifdef TWOLAYER_WITH_CUDA
-TORCH_LIBRARY_IMPL(twolayer_ext, CUDA, m) {
-  m.impl("two_layer_fwd", &twolayer::cuda::two_layer_fwd);
-  m.impl("two_layer_bwd", &twolayer::cuda::two_layer_bwd);
-  m.impl("l2_loss_fwd", &twolayer::cuda::l2_loss_fwd);
-  m.impl("l2_loss_bwd", &twolayer::cuda::l2_loss_bwd);
-  m.impl("two_layer_l2_loss_fwd", &twolayer::cuda::two_layer_l2_loss_fwd);
-  m.impl("sgd_step", &twolayer::cuda::sgd_step);
-}
+#define DEVICE twolayer::cuda
+TORCH_LIBRARY_IMPL(twolayer_ext, CUDA, m) { TWOLAYER_KERNEL_OPS(TWOLAYER_IMPL) }
+#undef DEVICE
 #endif
+#undef TWOLAYER_IMPL

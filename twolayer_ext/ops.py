@@ -11,7 +11,13 @@ from torch import Tensor
 from . import _loader  # noqa: F401  (loads _C, which registers the ops)
 
 _ops = torch.ops.twolayer_ext  # calls name .default: the overload itself, skipping resolution
-_REDUCTIONS = ("sum", "mean")
+
+
+def _require_reduction(fn, reduction):
+    # A Python value the schema's str cannot take (None, bytes, ...) is named here; the kernels
+    # check the string itself.
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f'{fn}: reduction must be "sum" or "mean", got {reduction!r}')
 
 
 def _require_tensor(fn, name, value, optional=False):
@@ -20,11 +26,6 @@ def _require_tensor(fn, name, value, optional=False):
     if not isinstance(value, torch.Tensor):
         expected = "a torch.Tensor or None" if optional else "a torch.Tensor"
         raise TypeError(f"{fn}: {name} must be {expected}, got {type(value).__name__}")
-
-
-def _require_reduction(fn, reduction):
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f'{fn}: reduction must be "sum" or "mean", got {reduction!r}')
 
 
 # ---- public functions ------------------------------------------------------------------------
@@ -151,59 +152,15 @@ def use_cpu_kernel(name: str) -> Iterator[None]:
 
 # ---- fake kernels: shapes, dtypes, devices and strides of the real ones -----------------------
 
-# The fake kernels check what the real ones check (same exception types and messages), so a
-# bad call fails the same way on meta tensors and under torch.compile as in eager mode.
+# Each fake runs its op's C++ argument check first (the op `<name>_check`, csrc/checks.cpp: the
+# one source of checks and messages), so a bad call fails alike on meta tensors, under
+# torch.compile and in eager mode; then it computes the output metadata.
 
-# dtypes as c10 names them in the real checks' messages ("Int", not "torch.int32").
-_C10_NAMES = {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half",
-              torch.bfloat16: "BFloat16", torch.int8: "Char", torch.uint8: "Byte",
-              torch.int16: "Short", torch.int32: "Int", torch.int64: "Long",
-              torch.bool: "Bool", torch.complex64: "ComplexFloat",
-              torch.complex128: "ComplexDouble"}
-
-
-def _fake_check_like(fn, name, t, ref_name, ref):
-    torch._check(t.device == ref.device, lambda: (
-        f"{fn}: {name} must be on the same device as {ref_name} ({ref.device}), got {t.device}"))
-    torch._check_type(t.dtype == ref.dtype, lambda: (
-        f"{fn}: {name} must have the same dtype as {ref_name} ({_C10_NAMES.get(ref.dtype, ref.dtype)}), "
-        f"got {_C10_NAMES.get(t.dtype, t.dtype)}"))
-
-
-def _fake_check_float(fn, name, t):
-    # The real check's words (csrc/checks.cpp check_float): "on CUDA" for any CUDA device, and
-    # the dtype as c10 names it ("Int", not "torch.int32"). The same four dtypes on every device.
-    ok = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-    where = "CUDA" if t.device.type == "cuda" else t.device
-    torch._check_type(t.dtype in ok, lambda: (
-        f"{fn}: {name} must be float32, float64, float16 or bfloat16 on {where}, "
-        f"got {_C10_NAMES.get(t.dtype, str(t.dtype))}"))
-
-
-def _fake_check_rank(fn, name, t, layout):
-    torch._check_value(t.dim() == 2, lambda: (
-        f"{fn}: {name} must be a 2-D tensor {layout}, got {t.dim()}-D of shape {list(t.shape)}"))
-
-
-def _fake_check_two_layer(fn, x, w1, w2, b1, b2):
-    _fake_check_rank(fn, "x", x, "[N, D_in]")
-    _fake_check_float(fn, "x", x)
-    _fake_check_rank(fn, "w1", w1, "[D_in, H]")
-    _fake_check_rank(fn, "w2", w2, "[H, D_out]")
-    torch._check_type(x.dtype == w1.dtype, lambda: (
-        f"{fn}: x must have the same dtype as w1 ({_C10_NAMES.get(w1.dtype, w1.dtype)}), "
-        f"got {_C10_NAMES.get(x.dtype, x.dtype)}"))
-    _fake_check_like(fn, "w1", w1, "x", x)
-    _fake_check_like(fn, "w2", w2, "x", x)
-    torch._check_value(w1.shape[0] == x.shape[1], lambda: (
-        f"{fn}: w1 must have shape [D_in, H] with D_in = {x.shape[1]} (x.size(1)), got {list(w1.shape)}"))
-    torch._check_value(w2.shape[0] == w1.shape[1], lambda: (
-        f"{fn}: w2 must have shape [H, D_out] with H = {w1.shape[1]} (w1.size(1)), got {list(w2.shape)}"))
-    for name, b, size, layout in (("b1", b1, w1.shape[1], "[H]"), ("b2", b2, w2.shape[1], "[D_out]")):
-        if b is not None:
-            _fake_check_like(fn, name, b, "x", x)
-            torch._check_value(b.shape == (size,), lambda: (
-                f"{fn}: {name} must have shape {layout} = [{size}], got {list(b.shape)}"))
+@torch.library.register_fake("twolayer_ext::two_layer_fwd")
+def _two_layer_fwd_fake(x, w1, w2, b1, b2):
+    _ops.two_layer_fwd_check.default(x, w1, w2, b1, b2)
+    n = x.shape[0]
+    return x.new_empty((n, w2.shape[1])), x.new_empty((n, w1.shape[1]))
 
 
 @torch.library.register_fake("twolayer_ext::two_layer")
@@ -211,28 +168,12 @@ def _two_layer_fake(x, w1, w2, b1=None, b2=None):
     return _two_layer_fwd_fake(x, w1, w2, b1, b2)[0]
 
 
-@torch.library.register_fake("twolayer_ext::two_layer_fwd")
-def _two_layer_fwd_fake(x, w1, w2, b1, b2):
-    _fake_check_two_layer("two_layer", x, w1, w2, b1, b2)
-    n = x.shape[0]
-    return x.new_empty((n, w2.shape[1])), x.new_empty((n, w1.shape[1]))
-
-
 @torch.library.register_fake("twolayer_ext::two_layer_bwd")
 def _two_layer_bwd_fake(grad_y, x, w1, w2, act, output_mask):
-    fn = "two_layer (backward)"
-    _fake_check_rank(fn, "act", act, "[N, H]")
-    _fake_check_float(fn, "act", act)
-    for name, t in (("w2", w2), ("grad_y", grad_y), ("x", x), ("w1", w1)):
-        if t is not None:
-            _fake_check_like(fn, name, t, "act", act)
+    _ops.two_layer_bwd_check.default(grad_y, x, w1, w2, act, output_mask)
     n, h = act.shape
     d_out = w2.shape[1]
     need_x, need_w1, need_w2, need_b1, need_b2 = output_mask
-    torch._check_value(not need_w1 or x is not None, lambda: f"{fn}: x [N, D_in] is needed for grad_w1")
-    torch._check_value(not need_x or w1 is not None, lambda: f"{fn}: w1 [D_in, H] is needed for grad_x")
-    torch._check_value(grad_y.shape == (n, d_out), lambda: (
-        f"{fn}: grad_y must have shape [N, D_out] = [{n}, {d_out}], got {list(grad_y.shape)}"))
     return (
         grad_y.new_empty((n, w1.shape[0])) if need_x else None,
         grad_y.new_empty((x.shape[1], h)) if need_w1 else None,
@@ -242,59 +183,38 @@ def _two_layer_bwd_fake(grad_y, x, w1, w2, act, output_mask):
     )
 
 
-def _fake_check_l2_loss(pred, target, reduction):
-    _require_reduction("l2_loss", reduction)
-    _fake_check_float("l2_loss", "pred", pred)
-    _fake_check_like("l2_loss", "target", target, "pred", pred)
-    torch._check_value(pred.shape == target.shape, lambda: (
-        f"l2_loss: target must have the same shape as pred {list(pred.shape)}, "
-        f"got {list(target.shape)} (no broadcasting)"))
+@torch.library.register_fake("twolayer_ext::l2_loss_fwd")
+def _l2_loss_fwd_fake(pred, target, reduction, need_grad):
+    _ops.l2_loss_fwd_check.default(pred, target, reduction, need_grad)
+    return pred.new_empty(()), (pred.new_empty(pred.shape) if need_grad else None)
 
 
 @torch.library.register_fake("twolayer_ext::l2_loss")
 def _l2_loss_fake(pred, target, reduction="sum"):
-    _fake_check_l2_loss(pred, target, reduction)
-    return pred.new_empty(())
-
-
-@torch.library.register_fake("twolayer_ext::l2_loss_fwd")
-def _l2_loss_fwd_fake(pred, target, reduction, need_grad):
-    _fake_check_l2_loss(pred, target, reduction)
-    return pred.new_empty(()), (pred.new_empty(pred.shape) if need_grad else None)
+    return _l2_loss_fwd_fake(pred, target, reduction, False)[0]
 
 
 @torch.library.register_fake("twolayer_ext::l2_loss_bwd")
 def _l2_loss_bwd_fake(grad_loss, grad):
-    torch._check_value(grad_loss.numel() == 1, lambda: (
-        f"l2_loss (backward): grad_loss must have one element, got shape {list(grad_loss.shape)}"))
-    _fake_check_like("l2_loss (backward)", "grad_loss", grad_loss, "grad", grad)
+    _ops.l2_loss_bwd_check.default(grad_loss, grad)
     return torch.empty_like(grad)  # at::mul keeps a dense grad's layout (a transposed one too)
-
-
-def _fake_check_with_target(fn, x, target, w1, w2, b1, b2):
-    _fake_check_two_layer(fn, x, w1, w2, b1, b2)
-    _fake_check_like(fn, "target", target, "x", x)
-    torch._check_value(target.shape == (x.shape[0], w2.shape[1]), lambda: (
-        f"{fn}: target must have shape [N, D_out] = [{x.shape[0]}, {w2.shape[1]}], "
-        f"got {list(target.shape)}"))
-
-
-@torch.library.register_fake("twolayer_ext::two_layer_l2_loss")
-def _two_layer_l2_loss_fake(x, target, w1, w2, b1=None, b2=None, reduction="sum"):
-    _fake_check_with_target("two_layer_l2_loss", x, target, w1, w2, b1, b2)
-    _require_reduction("two_layer_l2_loss", reduction)
-    return x.new_empty(())
 
 
 @torch.library.register_fake("twolayer_ext::two_layer_l2_loss_fwd")
 def _two_layer_l2_loss_fwd_fake(x, target, w1, w2, b1, b2, reduction, output_mask,
                                 grad_transposed=(False, False)):
-    loss = _two_layer_l2_loss_fake(x, target, w1, w2, b1, b2, reduction)
+    _ops.two_layer_l2_loss_fwd_check.default(x, target, w1, w2, b1, b2, reduction, output_mask,
+                                             grad_transposed)
     transposed = [False, False, *grad_transposed, False, False]
     grads = [None if t is None or not want else
              t.new_empty((t.shape[1], t.shape[0])).t() if flip else t.new_empty(t.shape)
              for t, want, flip in zip((x, target, w1, w2, b1, b2), output_mask, transposed)]
-    return (loss, *grads)
+    return (x.new_empty(()), *grads)
+
+
+@torch.library.register_fake("twolayer_ext::two_layer_l2_loss")
+def _two_layer_l2_loss_fake(x, target, w1, w2, b1=None, b2=None, reduction="sum"):
+    return _two_layer_l2_loss_fwd_fake(x, target, w1, w2, b1, b2, reduction, [False] * 6)[0]
 
 
 # ---- one-call SGD step ----------------------------------------------------------------------
@@ -326,11 +246,8 @@ def _sgd_step(x, target, w1, w2, b1, b2, lr, reduction, update):
         _require_tensor("sgd_step", name, value)
     _require_tensor("sgd_step", "b1", b1, optional=True)
     _require_tensor("sgd_step", "b2", b2, optional=True)
-    _require_reduction("sgd_step", reduction)
     if isinstance(lr, bool) or not isinstance(lr, (int, float)):
         raise TypeError(f"sgd_step: lr must be a float, got {type(lr).__name__}")
-    if not (lr >= 0 and lr != float("inf")):
-        raise ValueError(f"sgd_step: lr must be a finite number >= 0, got {lr}")
     if torch.is_grad_enabled():
         for name, w in (("w1", w1), ("w2", w2), ("b1", b1), ("b2", b2)):
             if w is not None and w.requires_grad and not w.is_leaf:
@@ -338,6 +255,7 @@ def _sgd_step(x, target, w1, w2, b1, b2, lr, reduction, update):
                     f"sgd_step: {name} is a non-leaf tensor inside an autograd graph; updating "
                     f"it in place would corrupt that graph. Pass the leaf parameter, or call "
                     f"under torch.no_grad() on tensors you own")
+    _require_reduction("sgd_step", reduction)
     x2, lead = _rows("sgd_step", x)
     t2 = _target_rows("sgd_step", x, lead, target, w2)
     with torch.no_grad():
@@ -346,14 +264,7 @@ def _sgd_step(x, target, w1, w2, b1, b2, lr, reduction, update):
 
 @torch.library.register_fake("twolayer_ext::sgd_step")
 def _sgd_step_fake(x, target, w1, w2, b1, b2, lr, reduction, update):
-    _fake_check_with_target("sgd_step", x, target, w1, w2, b1, b2)
-    torch._check_value(lr >= 0 and lr != float("inf"), lambda: (
-        f"sgd_step: lr must be a finite number >= 0, got {lr}"))
-    lr_max = torch.finfo(w1.dtype).max
-    torch._check_value(lr <= lr_max, lambda: (
-        f"sgd_step: lr must be at most {lr_max:g} (the largest {_C10_NAMES[w1.dtype]} value, "
-        f"the weights' dtype), got {lr:g}"))
-    _require_reduction("sgd_step", reduction)
+    _ops.sgd_step_check.default(x, target, w1, w2, b1, b2, lr, reduction, update)
     return x.new_empty(())
 
 
