@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import twolayer_ext
-from twolayer_ext import backends as B
-from twolayer_ext import bench
+from twolayer_ext.tools import backends as B
+from twolayer_ext.tools import bench
 from twolayer_ext import reference as R
 
 FAST = ["--size", "5,7,6,3", "--rounds", "2", "--min-time", "0.001", "--warmup", "0",
@@ -185,7 +185,7 @@ def test_busy_helpers_spin_while_timing_and_stop_after(tmp_path):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_busy_helpers_end_when_the_benchmark_is_killed():
     """A benchmark killed by a timeout (SIGKILL: no cleanup runs) leaves no spinning orphan."""
-    code = ("import sys, time\nfrom twolayer_ext import bench\n"
+    code = ("import sys, time\nfrom twolayer_ext.tools import bench\n"
             "with bench.busy_loops(1) as procs:\n"
             "    print(procs[0].pid, flush=True)\n    time.sleep(60)\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
@@ -213,7 +213,7 @@ def test_bad_arguments_exit_2(args, capsys):
 
 
 def test_routes_reports_each_route_and_optimizer(capsys):
-    from twolayer_ext import routes
+    from twolayer_ext.tools import routes
     assert routes.main(["--size", "9,7,6,3", "--size", "mlp", "--rounds", "1", "--block", "0.0005",
                         "--threads", "1", "--dtype", "float64"]) == 0
     out = capsys.readouterr().out.splitlines()

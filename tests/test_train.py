@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import twolayer_ext
-from twolayer_ext import backends as B
+from twolayer_ext.tools import backends as B
 from twolayer_ext import reference as R
-from twolayer_ext import train
+from twolayer_ext.tools import train
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import reference as R
-from .module import TwoLayerNet
-from .ops import CPU_KERNELS, cpu_kernel_info, l2_loss, set_cpu_kernel, sgd_step, use_cpu_kernel
+from .. import reference as R
+from ..module import TwoLayerNet
+from ..ops import CPU_KERNELS, cpu_kernel_info, l2_loss, set_cpu_kernel, sgd_step, use_cpu_kernel
 
 Arrays = Dict[str, Optional[np.ndarray]]
 
