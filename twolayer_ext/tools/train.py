@@ -230,7 +230,7 @@ def _finite_or_none(v):
     return v if math.isfinite(v) else None
 
 
-def _write_outputs(args, summary, plot_fn, weights):
+def _write_outputs(args, summary, plot, weights):
     if args.json:
         text = json.dumps(summary, indent=1, allow_nan=False).encode()
         write_atomic(args.json, lambda f: f.write(text))
@@ -240,7 +240,7 @@ def _write_outputs(args, summary, plot_fn, weights):
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        fig = plot_fn(plt)
+        fig = _figure(plt, **plot)
         write_atomic(args.plot, lambda f: fig.savefig(f, format="png", dpi=100))
         plt.close(fig)
     for opt in ("plot", "json", "save"):
@@ -282,7 +282,62 @@ def _weights_rel_diff(a, b):
     return float(max(diffs))
 
 
+# ---- the training loop and the plot, shared by every run ---------------------------------------
+
+def _train(step, count, where, args, progress, label, after=None):
+    """Calls step(i) for i in range(count), timing each call: (losses, seconds), both lists.
+
+    step(i) does one training step and returns the loss before it; where(i) names step i in
+    the message of Diverged, raised at the first non-finite loss; after(i, loss), when given,
+    runs after each step, outside the timing (a table row)."""
+    losses, times = [], []
+    for i in range(count):
+        t0 = time.perf_counter()
+        loss = float(step(i))
+        times.append(time.perf_counter() - t0)
+        _check_finite(loss, where(i), args)
+        losses.append(loss)
+        progress.advance(label)
+        if after is not None:
+            after(i, loss)
+    return losses, times
+
+
+def _logged(i, count, every):
+    """Whether row i of count gets a table row: every `every`-th, and the last."""
+    return i % every == 0 or i == count - 1
+
+
+def _figure(plt, curves, *, xlabel, ylabel, title=None, side=None, figsize=(6, 3.6),
+            width_ratios=None, legend_size=None, suptitle=None):
+    """The plot of every run: the loss curves on a log scale, and a second panel drawn by
+    side(axes) when given. curves: (label, x, y, matplotlib style) tuples."""
+    if side is None:
+        fig, ax = plt.subplots(figsize=figsize)
+    else:
+        fig, (ax, bx) = plt.subplots(1, 2, figsize=figsize, gridspec_kw=(
+            {"width_ratios": width_ratios} if width_ratios else None))
+    for label, x, y, style in curves:
+        ax.semilogy(x, np.abs(y), label=label, **style)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=legend_size)
+    ax.grid(True, which="major", alpha=0.3)
+    if side is not None:
+        side(bx)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 # ---- the tutorial's problem, backend by backend -------------------------------------------------
+
+_STYLES = {"numpy": dict(lw=5, alpha=0.35), "manual": dict(lw=2.5, ls="--"),
+           "autograd": dict(lw=1.8, ls="-."), "sgd_step": dict(lw=1.2, color="black")}
+
 
 def run_compare(args):
     np_dtype, torch_dtype = DTYPES[args.dtype]
@@ -301,14 +356,9 @@ def run_compare(args):
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             for name in names:
                 runner = B.build(name, problem)
-                losses[name], times[name] = [], []
-                for t in range(args.steps):
-                    t0 = time.perf_counter()
-                    loss = float(runner.step())
-                    times[name].append(time.perf_counter() - t0)
-                    _check_finite(loss, f"step {t} of {name}", args)
-                    losses[name].append(loss)
-                    progress.advance(name)
+                losses[name], times[name] = _train(
+                    lambda i: runner.step(), args.steps,
+                    lambda i: f"step {i} of {name}", args, progress, name)
                 weights[name] = runner.weights()
     finally:
         progress.close()
@@ -317,7 +367,7 @@ def run_compare(args):
     width = {n: max(14, len(n) + 2) for n in names}
     header = f"{'step':>5}" + "".join(f"{n:>{width[n]}}" for n in names)
     print(header + (f"{'max rel diff':>14}" if len(names) > 1 else ""))
-    rows = [t for t in range(args.steps) if t % args.log_every == 0 or t == args.steps - 1]
+    rows = [t for t in range(args.steps) if _logged(t, args.steps, args.log_every)]
     for t in rows:
         line = f"{t:>5}" + "".join(f"{losses[n][t]:>{width[n]}.6e}" for n in names)
         print(line + (f"{rel[t]:>14.1e}" if len(names) > 1 else ""))
@@ -346,22 +396,8 @@ def run_compare(args):
         "log_steps": rows,
     }
     keep = "sgd_step" if "sgd_step" in names else ref
-    saved = {k: torch.tensor(v) for k, v in weights[keep].items() if v is not None}
 
-    def plot(plt):
-        fig, (ax, bx) = plt.subplots(1, 2, figsize=(9, 3.6),
-                                     gridspec_kw={"width_ratios": [2.2, 1]})
-        styles = {"numpy": dict(lw=5, alpha=0.35), "manual": dict(lw=2.5, ls="--"),
-                  "autograd": dict(lw=1.8, ls="-."), "sgd_step": dict(lw=1.2, color="black")}
-        steps = np.arange(args.steps)
-        for n in names:
-            ax.semilogy(steps, np.abs(losses[n]), label=label[n], **styles.get(n, {}))
-        ax.set_xlabel("SGD step")
-        ax.set_ylabel(f"L2 loss ({args.reduction}, log scale)")
-        ax.set_title(f"N={args.N}, D_in={args.D_in}, H={args.H}, D_out={args.D_out}, "
-                     f"{args.dtype}; max rel diff {max_rel:.0e}", fontsize=9)
-        ax.legend(fontsize=8)
-        ax.grid(True, which="major", alpha=0.3)
+    def speed(bx):
         bars = bx.barh([label[n] for n in names], [1e6 * median[n] for n in names],
                        color=["0.75" if n != "sgd_step" else "tab:blue" for n in names])
         for bar, n in zip(bars, names):
@@ -373,19 +409,18 @@ def run_compare(args):
         bx.set_title(f"speed on {args.device}" + (" (vs autograd)" if "autograd" in names
                                                     else ""), fontsize=9)
         bx.margins(x=0.25)
-        fig.tight_layout()
-        return fig
 
-    return summary, plot, saved
+    steps = np.arange(args.steps)
+    plot = dict(
+        curves=[(label[n], steps, losses[n], _STYLES.get(n, {})) for n in names],
+        xlabel="SGD step", ylabel=f"L2 loss ({args.reduction}, log scale)",
+        title=(f"N={args.N}, D_in={args.D_in}, H={args.H}, D_out={args.D_out}, "
+               f"{args.dtype}; max rel diff {max_rel:.0e}"),
+        side=speed, figsize=(9, 3.6), width_ratios=[2.2, 1], legend_size=8)
+    return summary, plot, {k: torch.tensor(v) for k, v in weights[keep].items() if v is not None}
 
 
 # ---- TwoLayerNet runs: digits, and anything under DDP ----------------------------------------
-
-def _net(args, torch_dtype, device):
-    torch.manual_seed(args.seed)
-    return TwoLayerNet(args.D_in, args.H, args.D_out, bias=args.bias, dtype=torch_dtype,
-                       device=device)
-
 
 def _tutorial_weights(model):
     """What --save writes: {w1, w2[, b1, b2]} in the tutorial's layout, as every path saves."""
@@ -419,7 +454,9 @@ def run_digits(args, world, say):
     _, torch_dtype = DTYPES[args.dtype]
     device = world.device if world else torch.device(args.device)
     data = D.load_digits(seed=args.seed, dtype=torch_dtype, device=device)
-    model = _net(args, torch_dtype, device)
+    torch.manual_seed(args.seed)
+    model = TwoLayerNet(args.D_in, args.H, args.D_out, bias=args.bias, dtype=torch_dtype,
+                        device=device)
     step = _stepper(args, model, world)
     n_train, n_test = len(data.x_train), len(data.x_test)
     per_sample = (lambda loss, rows: loss) if args.reduction == "sum" else (
@@ -429,21 +466,21 @@ def run_digits(args, world, say):
         f"lr={args.lr:g} on the {args.reduction} L2 loss, batch {args.N}, {args.epochs} epochs, "
         f"{args.dtype} on {device.type}, seed {args.seed}, {_how(world)}")
     say(f"{'epoch':>5}{'train loss':>12}{'test loss':>11}{'test acc':>10}")
-    batches = [D.epoch_batches(n_train, args.N, seed=args.seed, epoch=e) for e in
-               range(args.epochs)]
+    batches = [[idx.to(device) for idx in D.epoch_batches(n_train, args.N, seed=args.seed,
+                                                          epoch=e)]
+               for e in range(args.epochs)]
     progress = Progress(sum(len(b) for b in batches), enabled=world is None or world.is_main)
     history, times = [], []
     try:
         for epoch, idxs in enumerate(batches, start=1):
+            first = len(times)
+            losses, epoch_times = _train(
+                lambda i: step(data.x_train[idxs[i]], data.y_train[idxs[i]]), len(idxs),
+                lambda i: f"step {first + i} (epoch {epoch})", args, progress, f"epoch {epoch}")
+            times += epoch_times
             total = 0.0
-            for idx in idxs:
-                idx = idx.to(device)
-                t0 = time.perf_counter()
-                loss = step(data.x_train[idx], data.y_train[idx])
-                times.append(time.perf_counter() - t0)
-                _check_finite(loss, f"step {len(times) - 1} (epoch {epoch})", args)
+            for loss, idx in zip(losses, idxs):
                 total += per_sample(loss, len(idx))
-                progress.advance(f"epoch {epoch}")
             with torch.no_grad():
                 pred = model(data.x_test)
                 test_loss = l2_loss(pred, data.y_test).item() / n_test
@@ -463,32 +500,26 @@ def run_digits(args, world, say):
                "epochs": history, "final_test_accuracy": correct / n_test,
                "median_step_s": med}
 
-    def plot(plt):
-        fig, (ax, bx) = plt.subplots(1, 2, figsize=(9, 3.4))
-        ep = [h["epoch"] for h in history]
-        ax.semilogy(ep, [h["train_loss"] for h in history], label="train")
-        ax.semilogy(ep, [h["test_loss"] for h in history], label="test")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("L2 loss per image (log scale)")
-        ax.legend()
-        bx.plot(ep, [100 * h["test_accuracy"] for h in history], color="tab:green")
+    def accuracy(bx):
+        bx.plot(epochs, [100 * h["test_accuracy"] for h in history], color="tab:green")
         bx.set_xlabel("epoch")
         bx.set_ylabel("test accuracy (%)")
-        for a in (ax, bx):
-            a.grid(True, alpha=0.3)
-        fig.suptitle(f"digits, 64-{args.H}-10, {_how(world)}", fontsize=10)
-        fig.tight_layout()
-        return fig
+        bx.grid(True, alpha=0.3)
 
+    epochs = [h["epoch"] for h in history]
+    plot = dict(curves=[(part, epochs, [h[f"{part}_loss"] for h in history], {})
+                        for part in ("train", "test")],
+                xlabel="epoch", ylabel="L2 loss per image (log scale)", side=accuracy,
+                figsize=(9, 3.4), suptitle=f"digits, 64-{args.H}-10, {_how(world)}")
     return summary, plot, _tutorial_weights(model)
 
 
 def run_random_ddp(args, world, say):
-    np_dtype, _ = DTYPES[args.dtype]
+    np_dtype, torch_dtype = DTYPES[args.dtype]
     x, y, params = D.tutorial_problem(args.N, args.D_in, args.H, args.D_out, seed=args.seed,
                                       bias=args.bias, dtype=np_dtype)
-    model = TwoLayerNet(args.D_in, args.H, args.D_out, bias=args.bias,
-                        dtype=DTYPES[args.dtype][1], device=world.device)
+    model = TwoLayerNet(args.D_in, args.H, args.D_out, bias=args.bias, dtype=torch_dtype,
+                        device=world.device)
     with torch.no_grad():
         for name, value in params.items():
             if value is not None:
@@ -501,34 +532,22 @@ def run_random_ddp(args, world, say):
         f"{_how(world)}, rows per rank: {[len(s) for s in torch.tensor_split(xt, world.size)]}")
     say(f"{'step':>5}{'loss':>14}")
     progress = Progress(args.steps, enabled=world.is_main)
-    losses, times = [], []
+
+    def row(t, loss):
+        if _logged(t, args.steps, args.log_every):
+            progress.close()
+            say(f"{t:>5}{loss:>14.6e}")
     try:
-        for t in range(args.steps):
-            t0 = time.perf_counter()
-            losses.append(step(xt, yt))
-            times.append(time.perf_counter() - t0)
-            _check_finite(losses[-1], f"step {t}", args)
-            progress.advance("ddp")
-            if t % args.log_every == 0 or t == args.steps - 1:
-                progress.close()
-                say(f"{t:>5}{losses[-1]:>14.6e}")
+        losses, times = _train(lambda i: step(xt, yt), args.steps, lambda i: f"step {i}",
+                               args, progress, "ddp", after=row)
     finally:
         progress.close()
     med = statistics.median(times)
     say(f"final loss {losses[-1]:.6e}; median {_us(med)} per step over {world.size} ranks")
     summary = {"mode": "ddp", "config": _config(args), "world_size": world.size,
                "losses": losses, "final_loss": losses[-1], "median_step_s": med}
-
-    def plot(plt):
-        fig, ax = plt.subplots(figsize=(6, 3.6))
-        ax.semilogy(np.arange(args.steps), np.abs(losses), label=_how(world))
-        ax.set_xlabel("SGD step")
-        ax.set_ylabel(f"L2 loss ({args.reduction}, log scale)")
-        ax.legend()
-        ax.grid(True, alpha=0.3)
-        fig.tight_layout()
-        return fig
-
+    plot = dict(curves=[(_how(world), np.arange(args.steps), losses, {})], xlabel="SGD step",
+                ylabel=f"L2 loss ({args.reduction}, log scale)")
     return summary, plot, _tutorial_weights(model)
 
 
