@@ -18,6 +18,7 @@ under the measured GEMM ceiling and memory bandwidth.
 """
 import argparse
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -140,10 +141,11 @@ def measure(size_name, shape, dtype, device, names, args, progress):
     params["w2"] /= math.sqrt(H)
     sgd_lr = 1e-3 / (N * D_out)  # a small step for the sum loss: stays finite at every size
     steps, results = {}, {}
+    cell = f"{size_name} {str(dtype).removeprefix('torch.')}"
     for name in names:
         spec = B.parse(name)
         lr = sgd_lr if spec.optimizer == "sgd" else ADAM_LR
-        progress(f"{size_name} {name}: warm-up")
+        progress(f"{cell} {name}: warm-up", line=True)
         step = B.build(name, B.Problem(x, y, params, lr, device=device, dtype=dtype)).step
         # Warm up for a while, not a count: the first second of a process runs slow here
         # (seen: 15-20 ms narrow steps that settle at 11 ms), and compile needs a few calls.
@@ -170,8 +172,9 @@ def measure(size_name, shape, dtype, device, names, args, progress):
     for group in ([n for n in timed if n != "numpy"], [n for n in timed if n == "numpy"]):
         for r in range(args.rounds if group else 0):
             order = group[r % len(group):] + group[:r % len(group)]
+            progress(f"{cell} round {r + 1}/{args.rounds}", line=True)
             for name in order:
-                progress(f"{size_name} round {r + 1}/{args.rounds} {name}")
+                progress(f"{cell} round {r + 1}/{args.rounds} {name}")
                 step, timer, number = steps[name]
                 results[name]["times"].append(timer.timeit(number).mean)
     flops = step_flops(*shape)
@@ -237,6 +240,9 @@ def parse_args(argv=None):
         p.error(f"--warmup and --busy must be >= 0, got {args.warmup} and {args.busy}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
+    # Checked before a run that takes a minute, not when it comes to drawing.
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        p.error("--plot needs matplotlib: pip install matplotlib")
     args.size = args.size or [(s, SIZES[s]) for s in DEFAULT_SIZES[args.device]]
     args.dtype = args.dtype or ["float32"]
     for opt in ("json", "plot"):
@@ -252,12 +258,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    tty = sys.stderr.isatty()
-
-    def progress(msg):
-        if tty:
-            sys.stderr.write(f"\r\033[K{msg}")
-            sys.stderr.flush()
+    progress = Progress()
 
     def save():
         if args.json:
@@ -268,11 +269,11 @@ def main(argv=None):
               "device": args.device, "kernel": cpu_kernel_info(), "ceiling_gflops": {},
               "results": []}
     with busy_loops(args.busy):
-        progress("memory bandwidth")
+        progress("memory bandwidth", line=True)
         report["bandwidth_gbs"] = memory_bandwidth(args.device, args.threads)
         for dtype_name in args.dtype:
             dtype = DTYPES[dtype_name]
-            progress(f"GEMM ceiling {dtype_name}")
+            progress(f"GEMM ceiling {dtype_name}", line=True)
             ceiling = gemm_ceiling(args.device, dtype, args.threads)
             report["ceiling_gflops"][dtype_name] = ceiling
             names = [n for n in (args.backend or B.names(device=args.device))
@@ -292,11 +293,34 @@ def main(argv=None):
                         "mflop_per_step": flops / 1e6, "mbyte_per_step": nbytes / 1e6,
                         "flop_per_byte": flops / nbytes, "backend": name, **r})
                 save()
-    if tty:
-        sys.stderr.write("\r\033[K")
+    progress.close()
     print_table(report)
     if args.plot:
         plot(report, args.plot)
+
+
+class Progress:
+    """What the benchmark is doing, on stderr: on a terminal, one line rewritten in place with
+    every message; elsewhere (a log, a pipe), a line per message called with line=True: each
+    (size, recipe) warm-up and each timing round, so a long run shows it is alive."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+
+    def __call__(self, msg, line=False):
+        if self.tty:
+            self.stream.write(f"\r\033[K{msg}")
+        elif line:
+            self.stream.write(f"bench: {msg}\n")
+        else:
+            return
+        self.stream.flush()
+
+    def close(self):
+        if self.tty:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
 
 
 def machine_info(device):
@@ -319,18 +343,36 @@ def print_table(report):
     print("# GEMM ceiling (best of torch and numpy): " +
           ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in report["ceiling_gflops"].items()) +
           f"; memory bandwidth (copy) {report['bandwidth_gbs']:.1f} GB/s")
-    wb = max([20] + [len(r["backend"]) for r in report["results"]])
-    wv = max([14] + [len(r.get("variant", "-")) for r in report["results"]])
-    print(f"{'size':<14} {'dtype':<8} {'backend':<{wb}} {'variant':<{wv}} {'median us':>11} "
-          f"{'IQR us':>9} {'GFLOP/s':>8} {'% ceil':>7} {'x module':>9}")
+    header = ["size", "dtype", "backend", "variant", "median us", "IQR us", "GFLOP/s", "% ceil",
+              "x module"]
+    rows = []
     for r in report["results"]:
-        head = f"{r['size']:<14} {r['dtype']:<8} {r['backend']:<{wb}} {r.get('variant', '-'):<{wv}}"
+        head = [r["size"], r["dtype"], r["backend"], r.get("variant", "-")]
         if r.get("status") != "ok":
-            print(f"{head} {r['status']}")
+            rows.append(head + [r["status"]])
             continue
         sp = f"{r['speedup_vs_module']:.2f}" if r.get("speedup_vs_module") else "-"
-        print(f"{head} {r['median_us']:>11,.0f} {r['iqr_us']:>9,.0f} {r['gflops']:>8.1f} "
-              f"{r['pct_ceiling']:>6.0f}% {sp:>9}")
+        rows.append(head + [f"{r['median_us']:,.0f}", f"{r['iqr_us']:,.0f}", f"{r['gflops']:.1f}",
+                            f"{r['pct_ceiling']:.0f}%", sp])
+    print(format_table(header, rows, left=4))
+
+
+def format_table(header, rows, left):
+    """The lines of a table whose columns are as wide as their widest cell: the first `left`
+    columns flush left, the rest flush right. A row may end in one cell that spans the rest
+    (a status such as "non-finite loss"); it does not widen the columns it spans."""
+    n = len(header)
+    width = [max([len(header[c])] + [len(row[c]) for row in rows
+                                     if len(row) == n or c < len(row) - 1])
+             for c in range(n)]
+
+    def line(cells):
+        out = [f"{v:<{width[c]}}" if c < left else f"{v:>{width[c]}}"
+               for c, v in enumerate(cells[:n])]
+        if len(cells) < n:  # a spanning last cell: flush left after the fixed columns
+            out[-1] = cells[-1]
+        return " ".join(out).rstrip()
+    return "\n".join([line(header)] + [line(r) for r in rows])
 
 
 def plot(report, path):

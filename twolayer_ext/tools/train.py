@@ -173,11 +173,12 @@ def parse_args(argv=None):
         if not distributed.launched_by_torchrun():
             raise UsageError("--ddp must be started by torchrun, e.g. torchrun "
                              "--nproc_per_node=2 -m twolayer_ext.train --ddp")
-    needs = [("scikit-learn", "sklearn", "--data digits", args.data == "digits"),
-             ("matplotlib", "matplotlib", "--plot", args.plot)]
-    for package, module, opt, wanted in needs:
+    needs = [("scikit-learn", "sklearn", "--data digits", "'twolayer_ext[digits]'",
+              args.data == "digits"),
+             ("matplotlib", "matplotlib", "--plot", "matplotlib", args.plot)]
+    for package, module, opt, install, wanted in needs:
         if wanted and importlib.util.find_spec(module) is None:
-            raise UsageError(f"{opt} needs {package}: pip install {package}")
+            raise UsageError(f"{opt} needs {package}: pip install {install}")
     for opt, path, suffix in (("--plot", args.plot, ".png"), ("--json", args.json, None),
                               ("--save", args.save, None)):
         if path is not None:
