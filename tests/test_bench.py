@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import twolayer_ext
-from twolayer_ext.tools import backends as B
+from twolayer_ext.tools import recipes as B
 from twolayer_ext.tools import bench
 from twolayer_ext import reference as R
 
@@ -134,9 +134,9 @@ def test_json_is_written_after_each_size(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_non_finite_backend_is_reported_not_timed(monkeypatch, capsys):
-    diverges = B.Backend("diverges", "diverges", lambda p, opt: B.Runner(
+    diverges = B.Recipe("diverges", "diverges", lambda p, opt: B.Runner(
         lambda: torch.tensor(float("inf")), lambda: {}))
-    monkeypatch.setitem(B.BACKENDS, "diverges", diverges)
+    monkeypatch.setitem(B.RECIPES, "diverges", diverges)
     bench.main(FAST + ["--backend", "module", "--backend", "diverges"])
     line = next(l for l in capsys.readouterr().out.splitlines() if "diverges" in l)
     assert "non-finite loss" in line

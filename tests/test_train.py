@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import twolayer_ext
-from twolayer_ext.tools import backends as B
+from twolayer_ext.tools import recipes as B
 from twolayer_ext import reference as R
 from twolayer_ext.tools import train
 

@@ -1,17 +1,17 @@
-"""Benchmark harness: time one training step of every backend, in one run, as ratios.
+"""Benchmark harness: time one training step of every training recipe, in one run, as ratios.
 
     python -m twolayer_ext.bench                       # seed, medium, large, narrow; float32
     python -m twolayer_ext.bench --size seed --size 128,256,64,8 --dtype float64 --json out.json
     python -m twolayer_ext.bench --busy 1              # the same with one core kept busy
 
-The backends are twolayer_ext.backends' (the training CLI draws from the same registry):
+The recipes are twolayer_ext.tools.recipes' (the training CLI draws from the same registry):
 every one trains the same problem (weights scaled by 1/sqrt(fan_in) so that the loss stays
 finite at every size; the tutorial's unscaled draw overflows at the large sizes) from the same
 initial arrays. Timing is torch.utils.benchmark (which synchronises CUDA), in interleaved rounds:
-each round times every backend once (numpy in rounds of its own after the others, so that
+each round times every recipe once (numpy in rounds of its own after the others, so that
 OpenBLAS's spinning threads do not steal cores from them), and the table reports the median over
 rounds with its interquartile range. Ratios are against nn.Module with the same optimizer. A
-backend whose loss goes non-finite is reported as such, not timed; one whose warm-up step takes
+recipe whose loss goes non-finite is reported as such, not timed; one whose warm-up step takes
 over SLOW_STEP_S seconds is skipped. --json is rewritten (whole) after every size, so a run cut
 short keeps what it measured. --plot draws a roofline: GFLOP/s against arithmetic intensity,
 under the measured GEMM ceiling and memory bandwidth.
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils import benchmark
 
-from . import backends as B
+from . import recipes as B
 from .. import reference as R
 from .._io import write_atomic
 from ..ops import cpu_kernel_info
@@ -48,7 +48,7 @@ DEFAULT_SIZES = {"cpu": ["seed", "medium", "large", "narrow"],
                  "cuda": ["seed", "gpu_narrow", "gpu_large"]}
 DTYPES = {"float32": torch.float32, "float64": torch.float64,
           "bfloat16": torch.bfloat16, "float16": torch.float16}  # every one on CPU and CUDA
-# A backend whose warm-up step takes longer is skipped (the plain-loop reference kernels take
+# A recipe whose warm-up step takes longer is skipped (the plain-loop reference kernels take
 # ~10 s per step at the large size); the first call is not judged (lazy init, compilation).
 SLOW_STEP_S = 2.0
 ADAM_LR = 1e-3  # torch.optim.Adam's default
@@ -150,7 +150,7 @@ def measure(size_name, shape, dtype, device, names, args, progress):
         # Warm up for a while, not a count: the first second of a process runs slow here
         # (seen: 15-20 ms narrow steps that settle at 11 ms), and compile needs a few calls.
         calls, t_end, status = 0, time.perf_counter() + args.warmup, None
-        while calls < spec.backend.warmup_calls or time.perf_counter() < t_end:
+        while calls < spec.recipe.warmup_calls or time.perf_counter() < t_end:
             loss, one = _timed_call(step, device)
             calls += 1
             if calls > 1 and one > SLOW_STEP_S:
@@ -165,7 +165,7 @@ def measure(size_name, shape, dtype, device, names, args, progress):
         timer = benchmark.Timer("step()", globals={"step": step}, num_threads=args.threads)
         steps[name] = (step, timer, number)
         results[name] = {"times": []}
-    # Interleaved rounds, the order rotated each round, so drifts hit every backend alike. numpy
+    # Interleaved rounds, the order rotated each round, so drifts hit every recipe alike. numpy
     # gets its rounds after the others: OpenBLAS's threads spin for a while after each call and
     # would take cores from whatever ran next (torch's OpenMP threads do the same to it).
     timed = list(steps)
@@ -191,7 +191,7 @@ def measure(size_name, shape, dtype, device, names, args, progress):
 
 # ---- command line ------------------------------------------------------------------------------
 
-def _backend_name(text):
+def _recipe_name(text):
     try:
         B.parse(text)
     except ValueError as e:
@@ -219,14 +219,14 @@ def parse_args(argv=None):
                    help=f"repeatable; names: {', '.join(SIZES)}")
     p.add_argument("--dtype", action="append", choices=list(DTYPES), help="repeatable (default float32)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--backend", action="append", type=_backend_name, metavar="NAME",
-                   help="repeatable (default: every one); names: " + ", ".join(B.names()))
+    p.add_argument("--recipe", "--backend", dest="backend", action="append", type=_recipe_name,
+                   metavar="NAME", help="a training recipe, repeatable (default: every one); names: " + ", ".join(B.names()))
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--busy", type=int, default=0, metavar="K",
                    help="run K busy-loop processes while timing (a contended machine; default 0)")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--min-time", type=float, default=0.1, help="seconds per timed block")
-    p.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up per backend")
+    p.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up per recipe")
     p.add_argument("--bias", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="FILE", help="every number; rewritten after each size")
@@ -376,7 +376,7 @@ def format_table(header, rows, left):
 
 
 def plot(report, path):
-    """Top: a roofline per dtype (each backend's GFLOP/s per size at the size's arithmetic
+    """Top: a roofline per dtype (each recipe's GFLOP/s per size at the size's arithmetic
     intensity, under min(ceiling, bandwidth x intensity)). Bottom: speedups over nn.Module."""
     import matplotlib
     matplotlib.use("Agg")

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .. import TwoLayerNet, sgd_step
-from .backends import five_gemms
+from .recipes import five_gemms
 from .bench import DTYPES, _size, busy_loops
 from .bench import SIZES as BENCH_SIZES
 

@@ -1,8 +1,8 @@
 """The training CLI: python -m twolayer_ext.train (installed as twolayer-train).
 
-  --data random (default)  the tutorial's problem, trained by every --backend (by default
+  --data random (default)  the tutorial's problem, trained by every --recipe (by default
                            the numpy oracle, torch by hand, autograd and our fused sgd_step;
-                           any training backend of twolayer_ext.backends) from the same
+                           any recipe of twolayer_ext.tools.recipes) from the same
                            arrays: a loss table, how far apart they are, time per step
   --data digits            TwoLayerNet on scikit-learn's handwritten digits (the fused loss +
                            torch.optim.SGD), test accuracy
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import backends as B
+from . import recipes as B
 from . import data as D
 from .._io import write_atomic
 from .._loader import available_devices
@@ -35,7 +35,7 @@ from ..module import TwoLayerNet
 from ..ops import l2_loss
 
 PROG = "twolayer_ext.train"
-# The comparison trains with SGD at --lr: every training backend of the registry can take part.
+# The comparison trains with SGD at --lr: every training recipe of the registry can take part.
 CHOICES = tuple(B.names(optimizers=("sgd",), training_only=True))
 TUTORIAL = ("numpy", "manual", "autograd", "sgd_step")  # the default: the tutorial four ways
 DTYPES = {"float32": (np.float32, torch.float32), "float64": (np.float64, torch.float64)}
@@ -89,7 +89,7 @@ _seed = _number(int, lambda v: v >= 0, "an integer >= 0")
 _positive_float = _number(float, lambda v: 0 < v < math.inf, "a finite number > 0")
 
 
-def _backend_list(text):
+def _recipe_list(text):
     names = [n.strip() for n in text.split(",")]
     if names == ["all"]:
         return CHOICES
@@ -98,9 +98,9 @@ def _backend_list(text):
             spec = B.parse(n)
         except ValueError:
             spec = None
-        if spec is None or spec.optimizer != "sgd" or not spec.backend.trains:
+        if spec is None or spec.optimizer != "sgd" or not spec.recipe.trains:
             raise argparse.ArgumentTypeError(
-                f"unknown backend {n!r} (choose from {', '.join(CHOICES)}, all, "
+                f"unknown recipe {n!r} (choose from {', '.join(CHOICES)}, all, "
                 f"or a comma-separated list)")
     return tuple(dict.fromkeys(names))
 
@@ -113,8 +113,8 @@ def build_parser():
     a = p.add_argument
     a("--data", choices=("random", "digits"), default="random",
       help="random: the tutorial's randn problem (default); digits: 8x8 handwritten digits")
-    a("--backend", type=_backend_list, default=None, metavar="NAMES",
-      help=f"random data only: a comma list of {', '.join(CHOICES)}, or all (default: "
+    a("--recipe", "--backend", dest="backend", type=_recipe_list, default=None, metavar="NAMES",
+      help=f"random data only: the training recipes, a comma list of {', '.join(CHOICES)}, or all (default: "
            f"{','.join(TUTORIAL)})")
     a("--N", type=_positive_int, metavar="N",
       help="batch size (random: the whole problem, 64; digits: the mini-batch, 32)")
@@ -130,7 +130,7 @@ def build_parser():
       help="L2 loss over the batch: sum (the tutorial's, default) or mean")
     a("--dtype", choices=tuple(DTYPES), help="random: float64; digits: float32")
     a("--device", choices=("cpu", "cuda"), default="cpu",
-      help="where the torch backends run (numpy always runs on the CPU)")
+      help="where the torch recipes run (numpy always runs on the CPU)")
     a("--threads", type=_positive_int, default=1,
       help="CPU threads for torch and numpy's BLAS (default 1: these sizes gain little from "
            "threads, and one thread times steadily on a shared machine)")
@@ -140,7 +140,7 @@ def build_parser():
     a("--plot", metavar="FILE.png", help="write the loss curves as a PNG")
     a("--json", metavar="FILE", help="write the numbers as JSON")
     a("--save", metavar="FILE.pt", help="torch.save the trained weights {w1, w2[, b1, b2]} "
-      "(random: sgd_step's, or the first backend's run)")
+      "(random: sgd_step's, or the first recipe's run)")
     a("--ddp", action="store_true", help="data-parallel: start with torchrun --nproc_per_node=K")
     return p
 
@@ -271,7 +271,7 @@ def _us(seconds):
 
 
 def _rel_diff(values):
-    """(max - min) / max |v| over the backends' values; 0 for one backend."""
+    """(max - min) / max |v| over the recipes' values; 0 for one recipe."""
     v = np.asarray(values, dtype=np.float64)
     scale = np.abs(v).max()
     return float((v.max() - v.min()) / scale) if scale > 0 else 0.0
@@ -334,7 +334,7 @@ def _figure(plt, curves, *, xlabel, ylabel, title=None, side=None, figsize=(6, 3
     return fig
 
 
-# ---- the tutorial's problem, backend by backend -------------------------------------------------
+# ---- the tutorial's problem, recipe by recipe --------------------------------------------------
 
 _STYLES = {"numpy": dict(lw=5, alpha=0.35), "manual": dict(lw=2.5, ls="--"),
            "autograd": dict(lw=1.8, ls="-."), "sgd_step": dict(lw=1.2, color="black")}
