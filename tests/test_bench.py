@@ -1,5 +1,7 @@
 """The backend registry trains what the oracle trains, and the benchmark harness runs end to end
 on a tiny size: what it measured, its JSON after every size, its busy-loop helpers, its plot."""
+import importlib.util
+import io
 import json
 import os
 import re
@@ -13,8 +15,8 @@ import pytest
 import torch
 
 import twolayer_ext
-from twolayer_ext import backends as B
-from twolayer_ext import bench
+from twolayer_ext.tools import recipes as B
+from twolayer_ext.tools import bench
 from twolayer_ext import reference as R
 
 FAST = ["--size", "5,7,6,3", "--rounds", "2", "--min-time", "0.001", "--warmup", "0",
@@ -81,6 +83,7 @@ def test_bad_backend_names_say_what_was_expected(name, says):
 
 # ---- the harness --------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_tiny_run_writes_table_and_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     backends = ["numpy", "module", "module+adam", "ext_autograd", "fused_loss",
@@ -108,6 +111,7 @@ def test_tiny_run_writes_table_and_json(tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # no temporary left
 
 
+@pytest.mark.slow
 def test_json_is_written_after_each_size(tmp_path, monkeypatch):
     """A run cut short (here: interrupted during the second size) keeps the first size."""
     out = tmp_path / "bench.json"
@@ -128,15 +132,17 @@ def test_json_is_written_after_each_size(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]
 
 
+@pytest.mark.slow
 def test_non_finite_backend_is_reported_not_timed(monkeypatch, capsys):
-    diverges = B.Backend("diverges", "diverges", lambda p, opt: B.Runner(
+    diverges = B.Recipe("diverges", "diverges", lambda p, opt: B.Runner(
         lambda: torch.tensor(float("inf")), lambda: {}))
-    monkeypatch.setitem(B.BACKENDS, "diverges", diverges)
+    monkeypatch.setitem(B.RECIPES, "diverges", diverges)
     bench.main(FAST + ["--backend", "module", "--backend", "diverges"])
     line = next(l for l in capsys.readouterr().out.splitlines() if "diverges" in l)
     assert "non-finite loss" in line
 
 
+@pytest.mark.slow
 def test_plot_is_a_roofline_png(tmp_path):
     png = tmp_path / "bench.png"
     bench.main(FAST + ["--backend", "module", "--backend", "sgd_step", "--plot", str(png)])
@@ -168,6 +174,7 @@ def _children(pid):
     return kids
 
 
+@pytest.mark.slow
 def test_busy_helpers_spin_while_timing_and_stop_after(tmp_path):
     with bench.busy_loops(1) as procs:
         assert len(procs) == 1 and procs[0].poll() is None
@@ -182,10 +189,11 @@ def test_busy_helpers_spin_while_timing_and_stop_after(tmp_path):
     assert set(_children(os.getpid())) == before  # no helper left behind
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_busy_helpers_end_when_the_benchmark_is_killed():
     """A benchmark killed by a timeout (SIGKILL: no cleanup runs) leaves no spinning orphan."""
-    code = ("import sys, time\nfrom twolayer_ext import bench\n"
+    code = ("import sys, time\nfrom twolayer_ext.tools import bench\n"
             "with bench.busy_loops(1) as procs:\n"
             "    print(procs[0].pid, flush=True)\n    time.sleep(60)\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
@@ -213,7 +221,7 @@ def test_bad_arguments_exit_2(args, capsys):
 
 
 def test_routes_reports_each_route_and_optimizer(capsys):
-    from twolayer_ext import routes
+    from twolayer_ext.tools import routes
     assert routes.main(["--size", "9,7,6,3", "--size", "mlp", "--rounds", "1", "--block", "0.0005",
                         "--threads", "1", "--dtype", "float64"]) == 0
     out = capsys.readouterr().out.splitlines()
@@ -226,6 +234,7 @@ def test_routes_reports_each_route_and_optimizer(capsys):
     assert any("AdamW + clip, whole step" in line for line in out)
 
 
+@pytest.mark.slow
 def test_bench_table_names_the_variant_each_cell_ran(tmp_path):
     out = tmp_path / "b.json"
     bench.main([*FAST, "--backend", "module", "--backend", "sgd_step", "--backend",
@@ -233,3 +242,69 @@ def test_bench_table_names_the_variant_each_cell_ran(tmp_path):
     rows = {r["backend"]: r for r in json.loads(out.read_text())["results"]}
     assert rows["module"]["variant"] == "-" and rows["sgd_step[reference]"]["variant"] == "reference"
     assert rows["sgd_step"]["variant"] in twolayer_ext.CPU_VARIANTS
+
+
+def test_plot_without_matplotlib_fails_before_running(monkeypatch, capsys):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else find_spec(name, *a))
+    monkeypatch.setattr(bench, "memory_bandwidth", lambda *a: pytest.fail("the run started"))
+    with pytest.raises(SystemExit) as e:
+        bench.main(FAST + ["--backend", "module", "--plot", "never.png"])
+    assert e.value.code == 2
+    assert "--plot needs matplotlib" in capsys.readouterr().err
+
+
+def test_table_columns_fit_long_names(capsys):
+    """Every column is as wide as its widest cell: long names and sizes keep the table aligned."""
+    long_name, long_size = "fused_loss+adam[" + "x" * 30 + "]", "1048576,4096,4096,1024"
+    ok = dict(status="ok", median_us=1234567.0, iqr_us=5.0, gflops=1.5, pct_ceiling=3.0,
+              speedup_vs_module=2.0)
+    report = {"machine": {"cpu": "cpu", "torch": "t", "numpy": "n"}, "threads": 1, "busy": 0,
+              "kernel": "auto", "ceiling_gflops": {"float32": 1.0}, "bandwidth_gbs": 1.0,
+              "results": [
+                  dict(size="seed", dtype="float32", backend="module", variant="-", **ok),
+                  dict(size=long_size, dtype="bfloat16", backend=long_name,
+                       variant="tuned-portable", **ok),
+                  dict(size="seed", dtype="float32", backend="diverges", variant="-",
+                       status="non-finite loss")]}
+    bench.print_table(report)
+    lines = capsys.readouterr().out.splitlines()[2:]
+    header, rows = lines[0], lines[1:]
+    for row in rows:
+        cells = [m.span() for m in re.finditer(r"\S+", row)]
+        for c, col in enumerate(("size", "dtype", "backend", "variant")):  # flush left
+            assert cells[c][0] == header.index(col), (col, lines)
+        if "non-finite" not in row:
+            for c, col in zip((4, 8), ("median us", "x module")):  # flush right
+                assert cells[c][1] == header.index(col) + len(col), (col, lines)
+    assert rows[1].split() == [long_size, "bfloat16", long_name, "tuned-portable", "1,234,567",
+                               "5", "1.5", "3%", "2.00"]
+    assert rows[2].split()[-2:] == ["non-finite", "loss"]
+
+
+@pytest.mark.slow
+def test_progress_shows_without_a_terminal(capsys):
+    """Not on a terminal (a log, a pipe): a line per warm-up and timing round on stderr."""
+    bench.main(FAST + ["--backend", "module", "--backend", "sgd_step"])
+    captured = capsys.readouterr()
+    err = captured.err.splitlines()
+    assert "\r" not in captured.err
+    for name in ("module", "sgd_step"):
+        assert f"bench: 5,7,6,3 float32 {name}: warm-up" in err
+    assert [line for line in err if " round " in line] == [
+        "bench: 5,7,6,3 float32 round 1/2", "bench: 5,7,6,3 float32 round 2/2"]
+    assert "module" in captured.out
+
+
+def test_progress_on_a_terminal_rewrites_one_line():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    term = Terminal()
+    progress = bench.Progress(term)
+    progress("seed module: warm-up", line=True)
+    progress("seed round 1/7 module")
+    progress.close()
+    assert term.getvalue() == ("\r\033[Kseed module: warm-up\r\033[Kseed round 1/7 module"
+                               "\r\033[K")

@@ -21,7 +21,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import twolayer_ext as tl
-from twolayer_ext import backends as B
+from twolayer_ext.tools import recipes as B
 
 from conftest import HAS_CUDA
 

@@ -1,5 +1,6 @@
 """The training CLI (python -m twolayer_ext.train) end to end: the table and the JSON hold the
 oracle's numbers, the plot is a PNG, digits learns, and bad input exits 2 with one line."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -11,9 +12,9 @@ import pytest
 import torch
 
 import twolayer_ext
-from twolayer_ext import backends as B
+from twolayer_ext.tools import recipes as B
 from twolayer_ext import reference as R
-from twolayer_ext import train
+from twolayer_ext.tools import train
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -31,6 +32,7 @@ def table_rows(stdout):
     return rows
 
 
+@pytest.mark.slow
 def test_default_run_is_the_tutorial(tmp_path):
     """The real CLI with its defaults (make demo): 500 steps of the tutorial, four backends."""
     out, png = tmp_path / "demo.json", tmp_path / "demo.png"
@@ -125,6 +127,7 @@ def test_backend_list_and_plot(tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["loss.png"]  # no temporary left behind
 
 
+@pytest.mark.slow
 def test_every_registry_backend_replays_the_oracle(tmp_path, capsys):
     """--backend all: every training backend of twolayer_ext.backends, one table."""
     out = tmp_path / "run.json"
@@ -141,6 +144,7 @@ def test_every_registry_backend_replays_the_oracle(tmp_path, capsys):
         assert B.label(name) in stdout
 
 
+@pytest.mark.slow
 def test_diverging_run_stops_with_one_line_and_exit_1():
     """--lr 1e-2 on the tutorial's problem overflows within a few steps."""
     proc = subprocess.run([sys.executable, "-m", "twolayer_ext.train", "--lr", "1e-2"],
@@ -154,7 +158,8 @@ def test_diverging_run_stops_with_one_line_and_exit_1():
 
 
 @pytest.mark.parametrize("argv", [["--backend", "sgd_step,fused_loss"],
-                                  ["--data", "digits", "--epochs", "1"]])
+                                  pytest.param(["--data", "digits", "--epochs", "1"],
+                                               marks=pytest.mark.slow)])
 def test_diverging_torch_paths_stop_too(argv, tmp_path, capsys, recwarn):
     out = tmp_path / "run.json"
     base = [] if "digits" in argv else SMALL
@@ -242,6 +247,7 @@ def test_unwritable_plot_folder(tmp_path, capsys):
     assert list(locked.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_bad_input_in_a_real_process():
     proc = subprocess.run([sys.executable, "-m", "twolayer_ext.train", "--N", "-5"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -249,3 +255,13 @@ def test_bad_input_in_a_real_process():
     assert proc.stdout == ""
     assert proc.stderr.strip() == (
         "twolayer_ext.train: error: argument --N: must be a positive integer, got '-5'")
+
+
+def test_digits_without_scikit_learn_names_the_extra(monkeypatch, capsys):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "sklearn" else find_spec(name, *a))
+    assert train.main(["--data", "digits"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["twolayer_ext.train: error: --data digits needs scikit-learn: "
+                   "pip install 'twolayer_ext[digits]'"]

@@ -129,7 +129,7 @@ def test_tune_cli_measures_and_reports(tmp_path):
     assert row["pick"] in r.stdout and "w.txt" in r.stdout
     assert "step float64 t1 128x256x64x8" in (tmp_path / "w.txt").read_text()
     with pytest.raises(SystemExit):
-        from twolayer_ext.tune import parse_args
+        from twolayer_ext.tools.tune import parse_args
         parse_args(["--threads", "0"])
 
 

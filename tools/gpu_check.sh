@@ -443,7 +443,7 @@ test_group() {
 # ---- 3. the benchmark ----------------------------------------------------------------------------
 # bench_backends: the CUDA backends of twolayer_ext.backends but compile, one --backend each.
 BENCH_BACKENDS_PY='
-from twolayer_ext import backends as B
+from twolayer_ext.tools import recipes as B
 print(" ".join(n for n in B.names(device="cuda", optimizers=("sgd",))
                if B.parse(n).backend.name != "compile"))
 '
@@ -452,7 +452,7 @@ print(" ".join(n for n in B.names(device="cuda", optimizers=("sgd",))
 # "NAME ok|refused: DETAIL" per line.
 BENCH_PARSE_PY='
 import contextlib, io, sys
-from twolayer_ext import bench
+from twolayer_ext.tools import bench
 cmds = []
 for a in sys.argv[1:]:
     if a.startswith("@"):

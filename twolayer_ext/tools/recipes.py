@@ -1,13 +1,16 @@
-"""The training-step backends: one registry for the CLI (train.py) and the benchmark (bench.py).
+"""The training recipes: the ways of doing one training step (the numpy oracle, autograd,
+nn.Module, torch.compile, our fused ops, ...), one registry for the CLI (train.py) and the
+benchmark (bench.py). "Recipe", not "backend": the build's backend (CPU-only or CUDA) is another
+thing; the CLIs still take --backend as another spelling of --recipe.
 
-Every backend trains the same problem (numpy arrays in the tutorial's layout: x [N, D_in],
+Every recipe trains the same problem (numpy arrays in the tutorial's layout: x [N, D_in],
 y [N, D_out], w1 [D_in, H], w2 [H, D_out], optional b1, b2) from copies of the same initial
 arrays, and one call of its step() is one training step that returns the loss before the update.
 
-A name picks a backend and, where it offers them, an optimizer and a CPU kernel variant:
+A name picks a recipe and, where it offers them, an optimizer and a CPU kernel variant:
 
-    fused_loss            the backend with torch.optim.SGD (every backend trains with SGD)
-    fused_loss+adam       ... with torch.optim.Adam instead (backends listing "adam")
+    fused_loss            the recipe with torch.optim.SGD (every recipe trains with SGD)
+    fused_loss+adam       ... with torch.optim.Adam instead (recipes listing "adam")
     sgd_step[reference]   sgd_step with the CPU kernel variant "reference" (any name in
                           twolayer_ext.CPU_KERNELS); plain sgd_step runs the variant in effect
 """
@@ -19,16 +22,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import reference as R
-from .module import TwoLayerNet
-from .ops import CPU_KERNELS, cpu_kernel_info, l2_loss, set_cpu_kernel, sgd_step, use_cpu_kernel
+from .. import reference as R
+from ..module import TwoLayerNet
+from ..ops import CPU_KERNELS, cpu_kernel_info, l2_loss, set_cpu_kernel, sgd_step, use_cpu_kernel
 
 Arrays = Dict[str, Optional[np.ndarray]]
 
 
 @dataclass(frozen=True)
 class Problem:
-    """What every backend trains: float64 (or the CLI's dtype) numpy arrays, and how."""
+    """What every recipe trains: float64 (or the CLI's dtype) numpy arrays, and how."""
     x: np.ndarray
     y: np.ndarray
     params: Arrays          # {"w1", "w2", "b1", "b2"}; the biases may be None
@@ -44,12 +47,12 @@ class Runner(NamedTuple):
 
 
 @dataclass(frozen=True)
-class Backend:
+class Recipe:
     name: str
     label: str                       # for tables and plots
     build: Callable[[Problem, str], Runner]   # (problem, optimizer) -> Runner
     optimizers: Tuple[str, ...] = ("sgd",)
-    per_cpu_kernel: bool = False     # the benchmark times it once per CPU kernel variant
+    per_variant: bool = False        # the benchmark times it once per CPU kernel variant
     cpu_only: bool = False           # runs on the CPU whatever the device (numpy)
     dtypes: Optional[Tuple[torch.dtype, ...]] = None   # None: every dtype torch has
     trains: bool = True              # False: timed for reference, not a training step
@@ -58,13 +61,18 @@ class Backend:
 
 
 class Spec(NamedTuple):
-    """A parsed backend name."""
-    backend: Backend
+    """A parsed recipe name."""
+    recipe: Recipe
     optimizer: str
-    cpu_kernel: Optional[str]
+    variant: Optional[str]  # the CPU kernel variant its [VARIANT] pins; None: the one in effect
+
+    @property
+    def backend(self) -> Recipe:
+        """The recipe, under its former name (scripts such as tools/gpu_check.sh read it)."""
+        return self.recipe
 
 
-# ---- the backends -------------------------------------------------------------------------------
+# ---- the recipes --------------------------------------------------------------------------------
 
 def _tensor(a, p: Problem, requires_grad=False):
     return None if a is None else (
@@ -228,16 +236,16 @@ def build_gemm_floor(p: Problem, optimizer: str) -> Runner:
 _NUMPY_DTYPES = (torch.float32, torch.float64)
 _OPTIMIZERS = ("sgd", "adam")
 
-BACKENDS: Dict[str, Backend] = {b.name: b for b in (
-    Backend("numpy", "numpy (oracle)", build_numpy, cpu_only=True, dtypes=_NUMPY_DTYPES),
-    Backend("manual", "torch by hand", build_manual),
-    Backend("autograd", "autograd", build_autograd),
-    Backend("module", "nn.Module", build_module, optimizers=_OPTIMIZERS),
-    Backend("compile", "torch.compile", build_compile, warmup_calls=5),
-    Backend("ext_autograd", "two_layer+l2_loss", build_ext_autograd, ours=True),
-    Backend("fused_loss", "fused loss", build_fused_loss, optimizers=_OPTIMIZERS, ours=True),
-    Backend("sgd_step", "fused sgd_step", build_sgd_step, per_cpu_kernel=True, ours=True),
-    Backend("gemm_floor", "GEMM floor", build_gemm_floor, trains=False),
+RECIPES: Dict[str, Recipe] = {b.name: b for b in (
+    Recipe("numpy", "numpy (oracle)", build_numpy, cpu_only=True, dtypes=_NUMPY_DTYPES),
+    Recipe("manual", "torch by hand", build_manual),
+    Recipe("autograd", "autograd", build_autograd),
+    Recipe("module", "nn.Module", build_module, optimizers=_OPTIMIZERS),
+    Recipe("compile", "torch.compile", build_compile, warmup_calls=5),
+    Recipe("ext_autograd", "two_layer+l2_loss", build_ext_autograd, ours=True),
+    Recipe("fused_loss", "fused loss", build_fused_loss, optimizers=_OPTIMIZERS, ours=True),
+    Recipe("sgd_step", "fused sgd_step", build_sgd_step, per_variant=True, ours=True),
+    Recipe("gemm_floor", "GEMM floor", build_gemm_floor, trains=False),
 )}
 BASELINE = "module"  # what a PyTorch user writes; ratios are against it, same optimizer
 
@@ -245,34 +253,34 @@ _NAME = re.compile(r"^(?P<base>[a-z_0-9]+)(\+(?P<opt>[a-z_0-9]+))?(\[(?P<kernel>
 
 
 def parse(name: str) -> Spec:
-    """Spec of a backend name such as "module", "fused_loss+adam" or "sgd_step[reference]";
+    """Spec of a recipe name such as "module", "fused_loss+adam" or "sgd_step[reference]";
     ValueError naming what was expected otherwise."""
     m = _NAME.match(name) if isinstance(name, str) else None
-    backend = BACKENDS.get(m["base"]) if m else None
-    if backend is None:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)} (with +OPTIMIZER or "
+    recipe = RECIPES.get(m["base"]) if m else None
+    if recipe is None:
+        raise ValueError(f"backend must be one of {', '.join(RECIPES)} (with +OPTIMIZER or "
                          f"[CPU_KERNEL] where offered), got {name!r}")
     optimizer = m["opt"] or "sgd"
-    if optimizer not in backend.optimizers:
-        raise ValueError(f"backend {name!r}: the optimizer of {backend.name} must be one of "
-                         f"{', '.join(backend.optimizers)}, got {optimizer!r}")
-    kernel = m["kernel"]
-    if kernel is not None and not backend.per_cpu_kernel:
-        raise ValueError(f"backend {name!r}: {backend.name} takes no [CPU_KERNEL]")
-    if kernel is not None and kernel not in CPU_KERNELS:
+    if optimizer not in recipe.optimizers:
+        raise ValueError(f"backend {name!r}: the optimizer of {recipe.name} must be one of "
+                         f"{', '.join(recipe.optimizers)}, got {optimizer!r}")
+    variant = m["kernel"]
+    if variant is not None and not recipe.per_variant:
+        raise ValueError(f"backend {name!r}: {recipe.name} takes no [CPU_KERNEL]")
+    if variant is not None and variant not in CPU_KERNELS:
         raise ValueError(f"backend {name!r}: the CPU kernel must be one of "
-                         f"{', '.join(CPU_KERNELS)}, got {kernel!r}")
-    return Spec(backend, optimizer, kernel)
+                         f"{', '.join(CPU_KERNELS)}, got {variant!r}")
+    return Spec(recipe, optimizer, variant)
 
 
 def label(name: str) -> str:
-    """The table label of a backend name, e.g. "fused loss+adam"."""
+    """The table label of a recipe name, e.g. "fused loss+adam"."""
     spec = parse(name)
-    return spec.backend.label + name[len(spec.backend.name):]
+    return spec.recipe.label + name[len(spec.recipe.name):]
 
 
 def baseline(name: str) -> str:
-    """The row a backend's speedup is against: the module with the same optimizer."""
+    """The row a recipe's speedup is against: the module with the same optimizer."""
     optimizer = parse(name).optimizer
     return BASELINE if optimizer == "sgd" else f"{BASELINE}+{optimizer}"
 
@@ -286,49 +294,49 @@ def current_cpu_kernel() -> str:
 
 def variant_ran(name: str, shape: Tuple[int, int, int, int], dtype: torch.dtype,
                 device: str = "cpu") -> str:
-    """The CPU kernel variant backend `name` runs for this problem ("-" where none of ours
+    """The CPU kernel variant recipe `name` runs for this problem ("-" where none of ours
     does): its [CPU_KERNEL], else the choice in effect, auto's pick resolved for the shape."""
     spec = parse(name)
-    if not spec.backend.ours or device != "cpu":
+    if not spec.recipe.ours or device != "cpu":
         return "-"
     if dtype in (torch.float16, torch.bfloat16):
         return "lowp"
-    with use_cpu_kernel(spec.cpu_kernel or current_cpu_kernel()):
+    with use_cpu_kernel(spec.variant or current_cpu_kernel()):
         return cpu_kernel_info(shape, dtype).split(":")[1].split(",")[0].strip()
 
 
 def runs_on(name: str, device: str, dtype: Optional[torch.dtype] = None) -> bool:
-    """Whether backend `name` has a place in a run on device in dtype (None: any dtype)."""
+    """Whether recipe `name` has a place in a run on device in dtype (None: any dtype)."""
     spec = parse(name)
-    b = spec.backend
-    return not ((device != "cpu" and (b.cpu_only or spec.cpu_kernel is not None)) or
+    b = spec.recipe
+    return not ((device != "cpu" and (b.cpu_only or spec.variant is not None)) or
                 (dtype is not None and b.dtypes is not None and dtype not in b.dtypes))
 
 
 def names(*, device: str = "cpu", dtype: Optional[torch.dtype] = None,
           optimizers: Tuple[str, ...] = _OPTIMIZERS, training_only: bool = False) -> List[str]:
-    """Every backend name that runs on device in dtype, each optimizer variant right after its
+    """Every recipe name that runs on device in dtype, each optimizer variant right after its
     SGD row and, on the CPU, sgd_step once per other CPU kernel variant."""
     out = []
-    for b in BACKENDS.values():
+    for b in RECIPES.values():
         if training_only and not b.trains:
             continue
         out += [b.name if o == "sgd" else f"{b.name}+{o}" for o in b.optimizers if o in optimizers]
-        if b.per_cpu_kernel:
+        if b.per_variant:
             default = current_cpu_kernel()
             out += [f"{b.name}[{k}]" for k in CPU_KERNELS if k != default]
     return [n for n in out if runs_on(n, device, dtype)]
 
 
 def build(name: str, problem: Problem) -> Runner:
-    """A fresh Runner of backend `name` on its own copy of the problem's arrays."""
+    """A fresh Runner of recipe `name` on its own copy of the problem's arrays."""
     spec = parse(name)
-    runner = spec.backend.build(problem, spec.optimizer)
-    if spec.cpu_kernel is None:
+    runner = spec.recipe.build(problem, spec.optimizer)
+    if spec.variant is None:
         return runner  # the default: no switching inside the timed call
 
     def step():
-        with use_cpu_kernel(spec.cpu_kernel):
+        with use_cpu_kernel(spec.variant):
             return runner.step()
     return Runner(step, runner.weights)
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import reference as R
+from .. import reference as R
 
 DIGITS_FEATURES, DIGITS_CLASSES = 64, 10
 
