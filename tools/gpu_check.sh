@@ -17,7 +17,7 @@
 #   opcheck    test_opcheck.py's [cuda] cases (torch.library.opcheck: the slow ones);
 #   compile    torch.compile on CUDA: mode="reduce-overhead" (CUDA graphs), cold inductor compiles;
 #   bench      the benchmark on CUDA, cut to fit: float32 and bfloat16, every CUDA backend of
-#              twolayer_ext.backends but `compile`, a few short rounds;
+#              twolayer_ext.tools.recipes but `compile`, a few short rounds;
 #   bench_compile  `compile` against `module` at the seed size only, if time is left.
 # Each test group is its own pytest run with TWOLAYER_REQUIRE_CUDA=1 (a session without CUDA
 # fails instead of skipping) and its own time limit: it is stopped with SIGINT, so pytest still
@@ -32,7 +32,7 @@
 # --dry-run (or GPU_CHECK_DRY_RUN=1) runs every step that needs no GPU, then stops: the plan,
 # the tool checks of the preflight, an import of the extension as built (no rebuild), each test
 # group's selection (pytest --collect-only; a group that selects nothing fails), the benchmark's
-# backends resolved from twolayer_ext.backends and its command lines checked by its own argument
+# backends resolved from twolayer_ext.tools.recipes and its command lines checked by its own argument
 # parser, summary.json, logs.tar.gz and the output-file budget. `make cuda-check` runs it.
 #
 # Overridable: PYTHON (python3), CUDA_HOME, TORCH_CUDA_ARCH_LIST (9.0), MAX_JOBS (nproc).
@@ -100,7 +100,7 @@ for f in tests/test_*.py; do
   FILES[rest]+="${FILES[rest]:+ }$f"
 done
 KEYWORDS[rest]="cuda"
-# The benchmark: the CUDA backends (resolved at run time from twolayer_ext.backends) but compile.
+# The benchmark: the CUDA backends (resolved at run time from twolayer_ext.tools.recipes) but compile.
 BENCH_ARGS=(--device cuda --size seed --size gpu_narrow --size gpu_large --dtype float32
             --dtype bfloat16 --rounds 3 --warmup 0.25 --min-time 0.05)
 BENCH_COMPILE_ARGS=(--device cuda --size seed --dtype float32 --rounds 3 --warmup 0.25
@@ -441,11 +441,11 @@ test_group() {
 }
 
 # ---- 3. the benchmark ----------------------------------------------------------------------------
-# bench_backends: the CUDA backends of twolayer_ext.backends but compile, one --backend each.
+# bench_backends: the CUDA backends of twolayer_ext.tools.recipes but compile, one --backend each.
 BENCH_BACKENDS_PY='
 from twolayer_ext.tools import recipes as B
 print(" ".join(n for n in B.names(device="cuda", optimizers=("sgd",))
-               if B.parse(n).backend.name != "compile"))
+               if B.parse(n).recipe.name != "compile"))
 '
 # The benchmark's own argument parser checks each command line ("@NAME" starts one; device cuda
 # swapped for cpu, which it refuses without a GPU; no --json, which it would create). Prints

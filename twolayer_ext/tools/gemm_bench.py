@@ -7,7 +7,7 @@
 (M x K x N = N x D_in x H) with its fused bias/ReLU epilogue is nearly all of the work; MKL is
 torch.mm (torch's BLAS), OpenBLAS is numpy's np.dot. Each cell is the best of --repeats timed
 blocks (the least disturbed run), interleaved across the contenders. When timing numpy, unset
-OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE for this command only (see README).
+OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE for this command only (see docs/performance.md).
 """
 import argparse
 import time

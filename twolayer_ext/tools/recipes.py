@@ -66,11 +66,6 @@ class Spec(NamedTuple):
     optimizer: str
     variant: Optional[str]  # the CPU kernel variant its [VARIANT] pins; None: the one in effect
 
-    @property
-    def backend(self) -> Recipe:
-        """The recipe, under its former name (scripts such as tools/gpu_check.sh read it)."""
-        return self.recipe
-
 
 # ---- the recipes --------------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@
 Ahead of time, each problem is timed at its own size. The first call of a new (dtype,
 thread count, shape bucket) measures the same way but within a time budget (about 70 ms), on
 fewer rows when a step is large; --bounded measures that way here. Picks go to the wisdom file
-(TWOLAYER_WISDOM, else the user's cache folder; see README), so later processes reuse them.
+(TWOLAYER_WISDOM, else the user's cache folder; see docs/design.md), so later processes reuse them.
 """
 import argparse
 import json
