@@ -1,12 +1,13 @@
 # make demo : set up .venv, build, run the main job (the tutorial trained four ways)
 # make test : set up .venv, build, run every test
-# make check: lint (ruff: pyflakes rules) and compile every C++ source for aarch64 (no build needed)
+# make check: ruff check + ruff format --check, mypy, clang-format --dry-run, and every C++ source
+#             compiled for aarch64 (no build needed; tools/check.sh)
 # Override the torch pin with e.g. `make test TORCH_SPEC='torch==2.14.1'`.
 PYTHON     ?= python3
 VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY          = $(VENV)/bin/python
-DEPS        = "$(TORCH_SPEC)" numpy pytest hypothesis ninja "setuptools>=77" wheel matplotlib scikit-learn "ruff>=0.17,<0.18"
+DEPS        = "$(TORCH_SPEC)" numpy pytest hypothesis ninja "setuptools>=77" wheel matplotlib scikit-learn "ruff>=0.17,<0.18" "mypy>=2.4,<2.5" "clang-format>=23,<24"
 # What the venv was last set up with: pip runs only when this changes (it takes seconds even
 # when everything is installed).
 DEPS_STAMP  = $(VENV)/.twolayer-deps
@@ -39,8 +40,8 @@ build: setup
 test: build
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
-# Fast static checks, no build: ruff over every .py (pyproject.toml [tool.ruff]), then every C++
-# source of the CPU build compiled for aarch64 with -fsyntax-only (see tools/check.sh).
+# Fast static checks, no build: ruff (lint and format), mypy, clang-format, and every C++ source
+# of the CPU build compiled for aarch64 with -fsyntax-only (see tools/check.sh).
 check: setup
 	@PY=$(PY) bash tools/check.sh
 
