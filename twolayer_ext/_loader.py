@@ -1,6 +1,8 @@
 """Loads the compiled ops (twolayer_ext._C) and says what it holds."""
+import importlib
 import json
 import os
+from types import ModuleType
 from typing import Dict, List, Optional
 from urllib.parse import unquote, urlparse
 
@@ -40,13 +42,22 @@ def _installed_direct_url() -> Optional[dict]:
         return None
 
 
-try:
-    from . import _build_info
-except ImportError:  # never built
-    _build_info = None
 
+def _import_build_info() -> Optional[ModuleType]:
+    """twolayer_ext._build_info (written by setup.py at build time, git-ignored), None when the
+    extension was never built. Imported by name: its attributes are read as Any."""
+    try:
+        return importlib.import_module("._build_info", __package__)
+    except ImportError:  # never built
+        return None
+
+
+_build_info = _import_build_info()
+
+# _C is the compiled extension (a .so, no Python source or stub for a type checker to read):
+# imported by name, for its side effect only (importing it registers the ops).
 try:
-    from . import _C  # noqa: F401  (importing it registers the ops)
+    importlib.import_module("._C", __package__)
 except ImportError as e:
     built = _build_info.TORCH_VERSION if _build_info else "unknown (no build found)"
     raise ImportError(

@@ -3,7 +3,7 @@ nn.Sequential(nn.Linear, nn.ReLU, nn.Linear)."""
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, MutableMapping, cast
 
 import torch
 from torch import Tensor, nn
@@ -36,7 +36,7 @@ class TwoLayerNet(nn.Module):
         for name, value in (("D_in", D_in), ("H", H), ("D_out", D_out)):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"TwoLayerNet: {name} must be a positive int, got {value!r}")
-        kw = {"device": device, "dtype": dtype}
+        kw: dict[str, Any] = {"device": device, "dtype": dtype}
         self.D_in, self.H, self.D_out = D_in, H, D_out
         # Registration order is nn.Sequential's: an optimizer's state is keyed by it.
         self.weight1 = nn.Parameter(torch.empty(H, D_in, **kw))
@@ -108,7 +108,7 @@ class TwoLayerNet(nn.Module):
             raise TypeError("TwoLayerNet.from_sequential: seq must be "
                             "nn.Sequential(nn.Linear, nn.ReLU, nn.Linear), got "
                             f"{type(seq).__name__}: {seq!r}")
-        lin1, _, lin2 = layers
+        lin1, lin2 = cast(nn.Linear, layers[0]), cast(nn.Linear, layers[2])  # checked above
         if lin2.in_features != lin1.out_features:
             raise ValueError(f"TwoLayerNet.from_sequential: the second Linear must take "
                              f"{lin1.out_features} inputs, got {lin2.in_features}")
@@ -137,7 +137,7 @@ _SEQUENTIAL_KEYS = {"weight1": "0.weight", "bias1": "0.bias", "weight2": "2.weig
 _TUTORIAL_KEYS = {"weight1": "w1", "bias1": "b1", "weight2": "w2", "bias2": "b2"}
 
 
-def _accept_other_layouts(state_dict: Mapping[str, Any], prefix: str, *_args) -> None:
+def _accept_other_layouts(state_dict: MutableMapping[str, Any], prefix: str, *_args) -> None:
     """load_state_dict pre-hook: an nn.Sequential(Linear, ReLU, Linear) state dict, or one in
     the tutorial's layout (w1 [D_in, H], ...), becomes ours in place. A dict mixing layouts, or
     with none of them, is left for load_state_dict to judge."""

@@ -114,10 +114,10 @@ def build_module(p: Problem, optimizer: str) -> Runner:
     x, y, w = _tensors(p)
     bias = w["b1"] is not None
     (D_in, H), D_out = w["w1"].shape, w["w2"].shape[1]
-    model = nn.Sequential(nn.Linear(D_in, H, bias=bias), nn.ReLU(), nn.Linear(H, D_out, bias=bias))
-    model.to(device=p.device, dtype=p.dtype)
-    layers = {"w1": model[0].weight, "w2": model[2].weight, "b1": model[0].bias,
-              "b2": model[2].bias}
+    lin1, lin2 = nn.Linear(D_in, H, bias=bias), nn.Linear(H, D_out, bias=bias)
+    model = nn.Sequential(lin1, nn.ReLU(), lin2)
+    model.to(device=p.device, dtype=p.dtype)  # in place: lin1, lin2 are model[0], model[2]
+    layers = {"w1": lin1.weight, "w2": lin2.weight, "b1": lin1.bias, "b2": lin2.bias}
     with torch.no_grad():
         for k, v in w.items():
             if v is not None:
@@ -158,7 +158,9 @@ def build_compile(p: Problem, optimizer: str) -> Runner:
 
 
 def _net(p: Problem) -> TwoLayerNet:
-    (D_in, H), D_out = p.params["w1"].shape, p.params["w2"].shape[1]
+    w1, w2 = p.params["w1"], p.params["w2"]
+    assert w1 is not None and w2 is not None  # only the biases may be None
+    (D_in, H), D_out = w1.shape, w2.shape[1]
     net = TwoLayerNet(D_in, H, D_out, bias=p.params["b1"] is not None, device=p.device,
                       dtype=p.dtype)
     with torch.no_grad():
@@ -255,6 +257,7 @@ def parse(name: str) -> Spec:
     if recipe is None:
         raise ValueError(f"backend must be one of {', '.join(RECIPES)} (with +OPTIMIZER or "
                          f"[CPU_KERNEL] where offered), got {name!r}")
+    assert m is not None  # a recipe was found, so the name matched
     optimizer = m["opt"] or "sgd"
     if optimizer not in recipe.optimizers:
         raise ValueError(f"backend {name!r}: the optimizer of {recipe.name} must be one of "
