@@ -73,17 +73,22 @@ class TwoLayerNet(nn.Module):
                 if b is not None:
                     b.uniform_(-bound, bound)
 
-    def forward(self, x: Tensor, target: Tensor | None = None, reduction: str = "sum") -> Tensor:
+    def forward(self, x: Tensor, target: Tensor | None = None, reduction: str = "mean") -> Tensor:
         """y [*, D_out] for x [*, D_in]; given a target [*, D_out], the fused L2 loss instead
-        (self.loss), which is how DistributedDataParallel runs the fused loss: through forward."""
+        (self.loss, same default), which is how DistributedDataParallel runs the fused loss:
+        through forward."""
         if target is not None:
             return self.loss(x, target, reduction)
         return two_layer(x, self.w1, self.w2, self.bias1, self.bias2)
 
-    def loss(self, x: Tensor, target: Tensor, reduction: str = "sum") -> Tensor:
+    def loss(self, x: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
         """l2_loss(self(x), target, reduction) in one fused op call, its gradients computed in
         the same call when autograd needs them (see twolayer_ext.two_layer_l2_loss): the fast
-        route for loss.backward() with any torch.optim optimizer."""
+        route for loss.backward() with any torch.optim optimizer.
+
+        The default is "mean", as nn.MSELoss()'s, so the module replaces nn.Sequential +
+        nn.MSELoss() as it is; the tutorial's sum of squares is reduction="sum" (a gradient
+        N * D_out times larger)."""
         return two_layer_l2_loss(x, target, self.w1, self.w2, self.bias1, self.bias2,
                                  reduction=reduction)
 
