@@ -40,6 +40,8 @@ DEVICES = ["cpu"] + ([pytest.param("cuda", marks=CUDA_MARKS)] if COLLECT_CUDA el
 # CPU kernel variants this CPU runs (a variant needs its ISA).
 RUNNABLE_VARIANTS = [v for v in twolayer_ext.CPU_VARIANTS if not twolayer_ext.cpu_kernel_missing(v)]
 TORCH_DTYPE = {"float32": torch.float32, "float64": torch.float64}
+# Under the sanitizers (tools/sanitize.sh) the long loops are shorter and some runs are skipped.
+SANITIZE = bool(os.environ.get("TWOLAYER_SANITIZE"))
 
 
 def pytest_generate_tests(metafunc):
@@ -71,6 +73,15 @@ def cpu_kernel(request):
 @pytest.fixture
 def device(request):
     return request.param
+
+
+def report(request, text):
+    """Writes a line of measurements to the terminal, past pytest's output capture."""
+    tr = request.config.pluginmanager.get_plugin("terminalreporter")
+    capman = request.config.pluginmanager.get_plugin("capturemanager")
+    if tr is not None and capman is not None:
+        with capman.global_and_fixture_disabled():
+            tr.write_line("\n" + text)
 
 
 def problem(N, D_in, H, D_out, *, bias, seed=0):
