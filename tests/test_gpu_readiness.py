@@ -41,8 +41,8 @@ def clean_env(**extra):
     return env
 
 
-def pytest_run(*args, require=None):
-    env = clean_env()
+def pytest_run(*args, require=None, **env_vars):
+    env = clean_env(**env_vars)
     if require is not None:
         env["TWOLAYER_REQUIRE_CUDA"] = require
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
@@ -120,9 +120,12 @@ def test_core_correctness_files_run_first_and_alone(dry_run):
 
 
 def test_every_cuda_case_runs_in_exactly_one_group(dry_run):
+    # Collected as gpu_check.sh collects them: TWOLAYER_CUDA=1 generates the [cuda] cases with no
+    # GPU (tests/conftest.py).
     proc = pytest_run("--collect-only", "-k", "cuda", "tests",
                       "--ignore=tests/test_gpu_readiness.py",
-                      *([] if has_hypothesis() else ["--ignore=tests/test_properties.py"]))
+                      *([] if has_hypothesis() else ["--ignore=tests/test_properties.py"]),
+                      TWOLAYER_CUDA="1")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-2000:]
     cuda_cases = {line.strip() for line in proc.stdout.splitlines() if "::" in line}
     assert len(cuda_cases) > 100
