@@ -20,6 +20,7 @@ def sgd_train_step(model, x, y, lr=1e-2):
     return loss.detach()
 
 
+@pytest.mark.slow  # inductor compiles a training step
 @pytest.mark.parametrize("bias", [False, True])
 def test_compiled_training_step_matches_eager(bias):
     torch.manual_seed(0)

@@ -59,6 +59,7 @@ def run_table():
         start = begun["i"] + 1
 
 
+@pytest.mark.slow  # the table in subprocesses
 def test_hostile_inputs_raise_clear_errors_and_never_crash():
     results, crashes, total = run_table()
     assert total >= MIN_CASES, f"only {total} hostile cases"

@@ -110,6 +110,7 @@ def _swallow(fn):
         pass
 
 
+@pytest.mark.slow  # 100k calls per op in a subprocess
 @pytest.mark.skipif(SANITIZE, reason="ASan's quarantine holds freed memory: RSS says nothing there "
                     "(and LeakSanitizer is off for the interpreter)")
 def test_no_leaks_over_100k_calls(request):
@@ -222,6 +223,7 @@ def test_repeated_calls_are_bitwise_identical(threads, restore_threads):
     assert all(torch.equal(tl.l2_loss(p, q), ref) for _ in range(3))
 
 
+@pytest.mark.slow  # large problems, twice
 @pytest.mark.parametrize("variant", ["tuned", "blas"])
 def test_one_and_two_threads_agree_to_rounding(restore_threads, request, variant):
     """What holds across thread counts is documented in docs/hardening.md: agreement to rounding
@@ -274,6 +276,7 @@ def _errors(N, D_in, H, D_out, seed=0):
     return out
 
 
+@pytest.mark.slow  # up to the large size
 def test_float32_error_against_float64_oracle(request):
     """max |float32 - float64| / max |float64| per result (normwise relative error), at the
     seed, medium and large sizes. Bounds: eps32 * sqrt(K) * 16 for the sums of K terms along the
@@ -362,6 +365,7 @@ def large_helper():
     print(json.dumps(out))
 
 
+@pytest.mark.slow  # >2^31 elements, in a subprocess
 @pytest.mark.skipif(SANITIZE, reason="ASan's shadow memory and the address-space limit collide")
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses Linux mmap/zero-page semantics")
 def test_more_than_2_31_elements_work_or_fail_clearly(request):
