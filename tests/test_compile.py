@@ -38,6 +38,7 @@ def test_compiled_training_step_matches_eager(bias):
         torch.testing.assert_close(a, b, msg=name)
 
 
+@pytest.mark.slow  # an inductor compile with backward
 def test_compiled_forward_and_loss():
     torch.manual_seed(1)
     model = tl.TwoLayerNet(12, 8, 3, dtype=torch.float64)
@@ -86,6 +87,7 @@ def test_compile_fullgraph_module_and_fused_loss():
         torch.testing.assert_close(p.grad, q.grad)
 
 
+@pytest.mark.slow  # an inductor compile under autocast
 def test_autocast_under_torch_compile():
     torch.manual_seed(0)
     net = tl.TwoLayerNet(8, 6, 3)

@@ -241,6 +241,7 @@ def bf16_inputs(device, requires_grad, N=5):
     return mk(N, 4), mk(4, 6), mk(6, 3), mk(6), mk(3)
 
 
+@pytest.mark.slow  # opcheck: seconds per case
 @pytest.mark.parametrize("requires_grad", [False, True])
 def test_opcheck_bfloat16(device, requires_grad):
     x, w1, w2, b1, b2 = bf16_inputs(device, requires_grad)
