@@ -1,5 +1,6 @@
 # make demo : set up .venv, build, run the main job (the tutorial trained four ways)
 # make test : set up .venv, build, run every test
+# make test-fast: set up .venv, build, run every test but the slow ones (-m "not slow": ~1 min)
 # make check: ruff check + ruff format --check, mypy, clang-format --dry-run, and every C++ source
 #             compiled for aarch64 (no build needed; tools/check.sh)
 # Override the torch pin with e.g. `make test TORCH_SPEC='torch==2.14.1'`.
@@ -12,7 +13,7 @@ DEPS        = "$(TORCH_SPEC)" numpy pytest hypothesis ninja "setuptools>=77" whe
 # when everything is installed).
 DEPS_STAMP  = $(VENV)/.twolayer-deps
 
-.PHONY: all setup build test check demo bench cuda-check sanitize clean
+.PHONY: all setup build test test-fast check demo bench cuda-check sanitize clean
 all: test
 
 setup:
@@ -39,6 +40,11 @@ build: setup
 
 test: build
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+# The edit-and-check loop: every test but those marked slow (leaks, >2^31 elements, DDP, CLI
+# subprocesses, hypothesis runs: pyproject.toml's markers). `make test` still runs them all.
+test-fast: build
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests
 
 # Fast static checks, no build: ruff (lint and format), mypy, clang-format, and every C++ source
 # of the CPU build compiled for aarch64 with -fsyntax-only (see tools/check.sh).

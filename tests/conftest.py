@@ -30,30 +30,58 @@ import twolayer_ext
 from twolayer_ext import reference as R
 
 HAS_CUDA = torch.cuda.is_available() and "cuda" in twolayer_ext.available_devices()
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not HAS_CUDA, reason="needs a GPU and the CUDA build"))]
+NO_CUDA_REASON = "needs a GPU and the CUDA build"
+# Only the cases that can run are generated. [cuda] cases exist where CUDA runs, and where a
+# CUDA build is asked for (TWOLAYER_CUDA=1: tools/gpu_check.sh's dry run and make cuda-check
+# collect them, without a GPU, to check each test group's selection; there they skip).
+COLLECT_CUDA = HAS_CUDA or os.environ.get("TWOLAYER_CUDA") == "1"
+CUDA_MARKS = () if HAS_CUDA else (pytest.mark.skipif(True, reason=NO_CUDA_REASON),)
+DEVICES = ["cpu"] + ([pytest.param("cuda", marks=CUDA_MARKS)] if COLLECT_CUDA else [])
+# CPU kernel variants this CPU runs (a variant needs its ISA).
+RUNNABLE_VARIANTS = [v for v in twolayer_ext.CPU_VARIANTS if not twolayer_ext.cpu_kernel_missing(v)]
 TORCH_DTYPE = {"float32": torch.float32, "float64": torch.float64}
+# Under the sanitizers (tools/sanitize.sh) the long loops are shorter and some runs are skipped.
+SANITIZE = bool(os.environ.get("TWOLAYER_SANITIZE"))
 
 
-@pytest.fixture(params=twolayer_ext.CPU_VARIANTS)
+def pytest_generate_tests(metafunc):
+    """`device` and `cpu_kernel` together: one case per runnable CPU variant on the CPU and one
+    [cuda] case (the variants are CPU kernels); each alone: its own values."""
+    names = metafunc.fixturenames
+    if "cpu_kernel" in names and "device" in names:
+        cases = [pytest.param("cpu", v, id=f"{v}-cpu") for v in RUNNABLE_VARIANTS]
+        if COLLECT_CUDA:
+            cases.append(pytest.param("cuda", None, id="cuda", marks=CUDA_MARKS))
+        metafunc.parametrize(("device", "cpu_kernel"), cases, indirect=True)
+    elif "cpu_kernel" in names:
+        metafunc.parametrize("cpu_kernel", RUNNABLE_VARIANTS, indirect=True)
+    elif "device" in names:
+        metafunc.parametrize("device", DEVICES, indirect=True)
+
+
+@pytest.fixture
 def cpu_kernel(request):
-    """Runs a test once per CPU kernel variant of the registry (use with pytestmark
-    usefixtures); a variant whose ISA this CPU lacks is skipped with the reason."""
-    if "cuda" in request.node.name:
-        if request.param != twolayer_ext.CPU_VARIANTS[-1]:
-            pytest.skip("CPU kernel variants do not apply on CUDA")
-        yield None  # one CUDA run
+    """Runs a test once per CPU kernel variant this CPU runs (use with pytestmark usefixtures);
+    with `device`, its [cuda] case gets None and no variant."""
+    if request.param is None:
+        yield None
         return
-    missing = twolayer_ext.cpu_kernel_missing(request.param)
-    if missing:
-        pytest.skip(f"{request.param}: {missing}")
     with twolayer_ext.use_cpu_kernel(request.param):
         yield request.param
 
 
-@pytest.fixture(params=DEVICES)
+@pytest.fixture
 def device(request):
     return request.param
+
+
+def report(request, text):
+    """Writes a line of measurements to the terminal, past pytest's output capture."""
+    tr = request.config.pluginmanager.get_plugin("terminalreporter")
+    capman = request.config.pluginmanager.get_plugin("capturemanager")
+    if tr is not None and capman is not None:
+        with capman.global_and_fixture_disabled():
+            tr.write_line("\n" + text)
 
 
 def problem(N, D_in, H, D_out, *, bias, seed=0):
@@ -104,9 +132,16 @@ def pytest_sessionstart(session):
             pytest.exit(f"TWOLAYER_REQUIRE_CUDA=1: no usable CUDA device: {reason}", returncode=3)
 
 
-# ---- the summary: skips as one line per reason (the [cuda] cases are hundreds) ----------------
+# ---- the summary: cases not generated, then skips as one line per reason ------------------
 
 def pytest_terminal_summary(terminalreporter):
+    # What was not generated, and why: the cases a GPU or another CPU would add.
+    if not COLLECT_CUDA:
+        terminalreporter.write_line(f"NOT GENERATED: the [cuda] cases: {cuda_unusable_reason()}")
+    for v in twolayer_ext.CPU_VARIANTS:
+        if v not in RUNNABLE_VARIANTS:
+            terminalreporter.write_line(
+                f"NOT GENERATED: the {v} cases: {twolayer_ext.cpu_kernel_missing(v)}")
     reasons = collections.Counter()
     for report in terminalreporter.stats.get("skipped", []):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)

@@ -1,7 +1,7 @@
-"""torch.compile(fullgraph=True) of a whole training step (forward, loss, backward, SGD update)
-with TwoLayerNet, the forward + loss, and sgd_step (moved here from test_sgd_step.py, per CPU kernel
-variant): no graph break, and the same numbers as eager. (CUDA graphs and mode="reduce-overhead":
-tests/test_cuda.py.)"""
+"""torch.compile(fullgraph=True): a whole training step (forward, loss, backward, SGD update)
+with TwoLayerNet, the forward + loss, the fused loss (TwoLayerNet.loss, per CPU kernel variant),
+sgd_step (per CPU kernel variant) and a bfloat16 autocast forward: no graph break, and the same
+numbers as eager. (CUDA graphs and mode="reduce-overhead", CUDA only: tests/test_cuda.py.)"""
 import pytest
 import torch
 
@@ -20,6 +20,7 @@ def sgd_train_step(model, x, y, lr=1e-2):
     return loss.detach()
 
 
+@pytest.mark.slow  # inductor compiles a training step
 @pytest.mark.parametrize("bias", [False, True])
 def test_compiled_training_step_matches_eager(bias):
     torch.manual_seed(0)
@@ -37,6 +38,7 @@ def test_compiled_training_step_matches_eager(bias):
         torch.testing.assert_close(a, b, msg=name)
 
 
+@pytest.mark.slow  # an inductor compile with backward
 def test_compiled_forward_and_loss():
     torch.manual_seed(1)
     model = tl.TwoLayerNet(12, 8, 3, dtype=torch.float64)
@@ -64,3 +66,34 @@ def test_compiled_sgd_step():
         torch.testing.assert_close(step(), ref.sgd_step(x, y, lr=1e-2))
     for a, b in zip(net.parameters(), ref.parameters()):
         torch.testing.assert_close(a, b)
+
+
+def fused_loss_pair():
+    torch.manual_seed(3)
+    return tl.TwoLayerNet(12, 9, 4, bias=True, dtype=torch.float64)
+
+
+@pytest.mark.usefixtures("cpu_kernel")
+def test_compile_fullgraph_module_and_fused_loss():
+    net, ref = fused_loss_pair(), fused_loss_pair()
+    x, y = torch.randn(10, 12, dtype=torch.float64), torch.randn(10, 4, dtype=torch.float64)
+    fn = torch.compile(lambda x, y: net.loss(x, y, "mean"), fullgraph=True)
+    loss = fn(x, y)
+    loss.backward()
+    ref_loss = ref.loss(x, y, "mean")
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss)
+    for p, q in zip(net.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+
+
+@pytest.mark.slow  # an inductor compile under autocast
+def test_autocast_under_torch_compile():
+    torch.manual_seed(0)
+    net = tl.TwoLayerNet(8, 6, 3)
+    x = torch.randn(5, 8)
+    compiled = torch.compile(net, fullgraph=True, dynamic=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager, got = net(x), compiled(x)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, eager)

@@ -14,6 +14,7 @@ import torch
 from twolayer_ext import reference as R
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # two torchrun ranks per case
 D_IN, H, D_OUT, STEPS = 40, 16, 5, 6
 
 

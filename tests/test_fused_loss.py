@@ -178,33 +178,6 @@ def test_transposed_weights_read_in_place():
     torch.testing.assert_close(w2.grad, seq[2].weight.grad.t(), rtol=1e-12, atol=1e-12)
 
 
-def test_compile_fullgraph_module_and_fused_loss():
-    net, _ = pair(seed=3)
-    ref, _ = pair(seed=3)
-    x, y = torch.randn(10, 12, dtype=torch.float64), torch.randn(10, 4, dtype=torch.float64)
-    fn = torch.compile(lambda x, y: net.loss(x, y, "mean"), fullgraph=True)
-    loss = fn(x, y)
-    loss.backward()
-    ref_loss = ref.loss(x, y, "mean")
-    ref_loss.backward()
-    torch.testing.assert_close(loss, ref_loss)
-    for p, q in zip(net.parameters(), ref.parameters()):
-        torch.testing.assert_close(p.grad, q.grad)
-
-
-def test_bad_input_names_the_argument():
-    net, _ = pair()
-    x, y = torch.randn(5, 12, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
-    with pytest.raises(ValueError, match=r"two_layer_l2_loss: target must have shape \[N, D_out\]"):
-        tl.two_layer_l2_loss(x, y[:, :3], net.w1, net.w2)
-    with pytest.raises(TypeError, match="two_layer_l2_loss: target must have the same dtype as x"):
-        tl.two_layer_l2_loss(x, y.float(), net.w1, net.w2)
-    with pytest.raises(ValueError, match='two_layer_l2_loss: reduction must be "sum" or "mean"'):
-        tl.two_layer_l2_loss(x, y, net.w1, net.w2, reduction="max")
-    with pytest.raises(TypeError, match="two_layer_l2_loss: w2 must be a torch.Tensor"):
-        tl.two_layer_l2_loss(x, y, net.w1, None)
-
-
 def test_backward_hands_the_saved_gradients_over_without_a_copy():
     """loss.backward() seeds 1: the gradients made in the forward go to .grad as they are (no
     scaling, no copy: they are in the parameters' own layout); retain_graph keeps them for a

@@ -41,14 +41,15 @@ def clean_env(**extra):
     return env
 
 
-def pytest_run(*args, require=None):
-    env = clean_env()
+def pytest_run(*args, require=None, **env_vars):
+    env = clean_env(**env_vars)
     if require is not None:
         env["TWOLAYER_REQUIRE_CUDA"] = require
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # a pytest subprocess
 def test_required_gpu_fails_a_session_that_has_none():
     proc = pytest_run("--collect-only", "tests/test_l2_loss.py", require="1")
     out = proc.stdout + proc.stderr
@@ -83,6 +84,7 @@ def dry_run(tmp_path_factory):
     return DryRun(tmp_path_factory.mktemp("gpu-check-dry-run"))
 
 
+@pytest.mark.slow  # gpu_check.sh's dry run
 def test_dry_run_runs_every_step_that_needs_no_gpu_and_passes(dry_run):
     assert dry_run.rc == 0, dry_run.output[-3000:]
     s = dry_run.summary
@@ -93,6 +95,7 @@ def test_dry_run_runs_every_step_that_needs_no_gpu_and_passes(dry_run):
     assert dry_run.output.rstrip().splitlines()[-1].startswith("dry run: ok")
 
 
+@pytest.mark.slow  # gpu_check.sh's dry run
 def test_plan_is_printed_first_and_fits_nine_minutes(dry_run):
     s = dry_run.summary
     assert s["planned_seconds"] <= 540
@@ -107,6 +110,7 @@ def test_plan_is_printed_first_and_fits_nine_minutes(dry_run):
     assert order == sorted(order)
 
 
+@pytest.mark.slow  # gpu_check.sh's dry run
 def test_core_correctness_files_run_first_and_alone(dry_run):
     core = dry_run.selected["core"]
     for name in CORE_FILES:
@@ -119,10 +123,14 @@ def test_core_correctness_files_run_first_and_alone(dry_run):
     assert any("reduce_overhead" in t for t in dry_run.selected["compile"])
 
 
+@pytest.mark.slow  # gpu_check.sh's dry run and a collection
 def test_every_cuda_case_runs_in_exactly_one_group(dry_run):
+    # Collected as gpu_check.sh collects them: TWOLAYER_CUDA=1 generates the [cuda] cases with no
+    # GPU (tests/conftest.py).
     proc = pytest_run("--collect-only", "-k", "cuda", "tests",
                       "--ignore=tests/test_gpu_readiness.py",
-                      *([] if has_hypothesis() else ["--ignore=tests/test_properties.py"]))
+                      *([] if has_hypothesis() else ["--ignore=tests/test_properties.py"]),
+                      TWOLAYER_CUDA="1")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-2000:]
     cuda_cases = {line.strip() for line in proc.stdout.splitlines() if "::" in line}
     assert len(cuda_cases) > 100
@@ -143,6 +151,7 @@ def has_hypothesis():
     return True
 
 
+@pytest.mark.slow  # gpu_check.sh's dry run
 def test_benchmark_backends_come_from_the_registry_without_compile(dry_run):
     s = dry_run.summary
     want = [n for n in B.names(device="cuda", optimizers=("sgd",)) if n != "compile"]
@@ -154,6 +163,7 @@ def test_benchmark_backends_come_from_the_registry_without_compile(dry_run):
         assert f"--backend {b}" in dry_run.output
 
 
+@pytest.mark.slow  # gpu_check.sh's dry run
 def test_output_folder_stays_within_what_a_gpu_machine_hands_back(dry_run):
     files = sorted(str(p.relative_to(dry_run.dir)) for p in dry_run.dir.rglob("*") if p.is_file())
     assert dry_run.summary["max_output_files"] == 8
@@ -161,6 +171,7 @@ def test_output_folder_stays_within_what_a_gpu_machine_hands_back(dry_run):
     assert {"gpu_check.log", "summary.json", "logs.tar.gz"} <= set(files)
 
 
+@pytest.mark.slow  # gpu_check.sh in a subprocess
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible: the real run would run")
 def test_real_run_without_a_gpu_stops_at_the_preflight(tmp_path):
     proc = subprocess.run(["bash", GPU_CHECK, str(tmp_path)], cwd=ROOT,

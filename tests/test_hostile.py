@@ -1,11 +1,11 @@
 """Behaviour: bad input is a clear error (the right exception type, a message naming the
-argument), never a crash, on every device. Merged here from test_inputs.py, test_sgd_step.py,
-test_module.py and test_cuda.py; mixed-device errors are CUDA-only and stay in test_cuda.py; the
-fake kernels' wording of a bad CPU dtype is tests/test_gpu_readiness.py's (not ours to move).
+argument), never a crash, on every device. (Mixed-device errors are CUDA-only: tests/test_cuda.py;
+the fake kernels' wording of a bad dtype: tests/test_gpu_readiness.py.)
 
 In-process tables (per CPU kernel variant; [cuda] cases where the call takes a device): two_layer,
-l2_loss and sgd_step arguments, aliasing and non-leaf weights for sgd_step, a bad reduction named
-by each op, TwoLayerNet sizes and from_sequential's models, a CUDA dtype's wording.
+l2_loss, two_layer_l2_loss and sgd_step arguments, mixed 16-bit dtypes, aliasing and non-leaf
+weights for sgd_step, a bad reduction named by each op, TwoLayerNet sizes and from_sequential's
+models, a CUDA dtype's wording.
 
 The hostile-input table (tests/hostile_cases.py), run in a subprocess: a crash (segfault,
 abort, sanitizer report) in one case is reported as that case's failure, and the run goes on
@@ -59,6 +59,7 @@ def run_table():
         start = begun["i"] + 1
 
 
+@pytest.mark.slow  # the table in subprocesses
 def test_hostile_inputs_raise_clear_errors_and_never_crash():
     results, crashes, total = run_table()
     assert total >= MIN_CASES, f"only {total} hostile cases"
@@ -186,6 +187,28 @@ def test_non_leaf_weight_in_graph_refused():
     w1 = base * 2
     with pytest.raises(RuntimeError, match="non-leaf tensor inside an autograd graph"):
         tl.sgd_step(torch.randn(3, 5), torch.randn(3, 2), w1, torch.randn(4, 2), lr=0.1)
+
+
+@KERNELS
+def test_bad_fused_loss_input_names_the_argument():
+    torch.manual_seed(0)
+    net = tl.TwoLayerNet(12, 9, 4, bias=True, dtype=torch.float64)
+    x, y = torch.randn(5, 12, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"two_layer_l2_loss: target must have shape \[N, D_out\]"):
+        tl.two_layer_l2_loss(x, y[:, :3], net.w1, net.w2)
+    with pytest.raises(TypeError, match="two_layer_l2_loss: target must have the same dtype as x"):
+        tl.two_layer_l2_loss(x, y.float(), net.w1, net.w2)
+    with pytest.raises(ValueError, match='two_layer_l2_loss: reduction must be "sum" or "mean"'):
+        tl.two_layer_l2_loss(x, y, net.w1, net.w2, reduction="max")
+    with pytest.raises(TypeError, match="two_layer_l2_loss: w2 must be a torch.Tensor"):
+        tl.two_layer_l2_loss(x, y, net.w1, None)
+
+
+def test_mixed_dtypes_are_refused_by_name():
+    x = torch.ones(4, 3, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match=r"two_layer: x must have the same dtype as w1 "
+                                        r"\(Half\), got BFloat16"):
+        tl.two_layer(x, torch.ones(3, 5, dtype=torch.float16), torch.ones(5, 2, dtype=torch.bfloat16))
 
 
 @KERNELS

@@ -1,8 +1,9 @@
 """Install polish: the loader's rebuild advice fits how the package was installed; the license
 and the type-hint marker ship with it."""
 import os
-import tomllib
 from pathlib import Path
+
+import pytest
 
 import twolayer_ext
 from twolayer_ext import _loader
@@ -39,8 +40,18 @@ def test_this_install_gets_advice_for_itself():
     assert str(Path(twolayer_ext.__file__).resolve().parents[1]) in advice
 
 
+def toml_parser():
+    """tomllib (Python 3.11+); on 3.10, which pyproject.toml allows, tomli (the same parser as a
+    package), or a skip naming it."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:
+        return pytest.importorskip("tomli", reason="Python 3.10 reads TOML with tomli (pip install tomli)")
+    return tomllib
+
+
 def test_license_and_type_marker_ship():
-    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    meta = toml_parser().loads((ROOT / "pyproject.toml").read_text())
     assert meta["project"]["license"] == "BSD-3-Clause"
     assert "BSD 3-Clause" in (ROOT / "LICENSE").read_text()
     assert "py.typed" in meta["tool"]["setuptools"]["package-data"]["twolayer_ext"]

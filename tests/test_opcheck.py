@@ -111,6 +111,7 @@ def dtype_inputs(device, dtype, bias, requires_grad, N=5):
     return x, w1, w2, b1, b2
 
 
+@pytest.mark.slow  # opcheck of every op: seconds per dtype
 @pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 def test_opcheck_every_op_in_every_dtype(device, dtype, requires_grad):

@@ -46,6 +46,7 @@ def test_bitwise_identical_for_any_thread_count(variant, shape, restore_threads)
             assert torch.equal(a, b), f"{n} threads differ from 1"
 
 
+@pytest.mark.slow  # busy-core timing and a forked child
 def test_busy_core_and_fork_child(tmp_path):
     """With a busy-loop process on a core, two threads give the same bits as one; a forked
     child computes with its own pool and exits cleanly."""

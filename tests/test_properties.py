@@ -31,8 +31,11 @@ from hypothesis import strategies as st  # noqa: E402
 import twolayer_ext as tl
 from twolayer_ext import reference as R
 
-pytestmark = pytest.mark.filterwarnings(  # numpy's mean of an empty array (N = 0, "mean")
-    "ignore:Mean of empty slice:RuntimeWarning", "ignore:invalid value encountered:RuntimeWarning")
+pytestmark = [
+    pytest.mark.filterwarnings(  # numpy's mean of an empty array (N = 0, "mean")
+        "ignore:Mean of empty slice:RuntimeWarning", "ignore:invalid value encountered:RuntimeWarning"),
+    pytest.mark.slow,  # thousands of cases: a minute or more
+]
 
 EXPLORE = os.environ.get("TWOLAYER_HYPOTHESIS", "") == "explore"
 SCALE = 10 if EXPLORE else 1
@@ -457,35 +460,6 @@ def test_raw_ops_match_numpy(data):
     out = ops.l2_loss_bwd(gl, grad)
     assert torch.equal(out, grad * gl) or torch.allclose(out, grad * gl, rtol=0, atol=0,
                                                          equal_nan=True)
-
-
-def _f64(*shape):
-    return torch.randn(*shape, dtype=torch.float64)
-
-
-STRIDED_SGD_ARGS = {
-    # README: "Inputs may have any strides (a transposed weight, a sliced batch)"
-    "sliced-batch-x": lambda: dict(x=_f64(6, 5)[::2]),
-    "expanded-x": lambda: dict(x=_f64(1, 5).expand(3, 5)),
-    "expanded-target": lambda: dict(target=_f64(1, 2).expand(3, 2)),
-    "sliced-target": lambda: dict(target=_f64(3, 4)[:, ::2]),
-    "sliced-w1": lambda: dict(w1=_f64(10, 8)[::2, :4]),
-    "column-sliced-w2": lambda: dict(w2=_f64(4, 6)[:, ::3]),
-    "sliced-b1": lambda: dict(b1=_f64(8)[::2]),
-}
-
-
-@pytest.mark.parametrize("what", list(STRIDED_SGD_ARGS))
-def test_sgd_step_accepts_strided_arguments(what):
-    torch.manual_seed(0)
-    a = dict(x=_f64(3, 5), target=_f64(3, 2), w1=_f64(5, 4), w2=_f64(4, 2), b1=_f64(4), b2=None)
-    a.update(STRIDED_SGD_ARGS[what]())
-    params = {k: None if a[k] is None else a[k].numpy().copy() for k in ("w1", "w2", "b1", "b2")}
-    expected = R.numpy_sgd_step(a["x"].numpy(), a["target"].numpy(), params, 0.1)
-    loss = tl.sgd_step(a["x"], a["target"], a["w1"], a["w2"], a["b1"], a["b2"], lr=0.1)
-    assert loss.item() == pytest.approx(expected, rel=1e-12)
-    for k in ("w1", "w2", "b1"):
-        np.testing.assert_allclose(a[k].numpy(), params[k], rtol=1e-12, atol=1e-12)
 
 
 def test_case_count():

@@ -230,6 +230,7 @@ def _rss_mib():
         return int(f.read().split()[1]) * 4096 / 2**20
 
 
+@pytest.mark.slow  # a large step per variant
 @pytest.mark.skipif("libasan" in os.environ.get("LD_PRELOAD", ""),
                     reason="ASan's quarantine keeps freed memory resident")
 def test_a_large_step_releases_its_workspace(cpu_kernel):

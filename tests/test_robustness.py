@@ -25,7 +25,8 @@ import torch
 import twolayer_ext as tl
 from twolayer_ext import reference as R
 
-SANITIZE = bool(os.environ.get("TWOLAYER_SANITIZE"))
+from conftest import SANITIZE, report as _report
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ops = torch.ops.twolayer_ext
 
@@ -41,14 +42,6 @@ def _run_helper(mode, timeout=900, env=None):
     assert proc.returncode == 0, (f"{mode} helper died (rc {proc.returncode}):\n{proc.stdout[-3000:]}"
                                   f"\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def _report(request, text):
-    tr = request.config.pluginmanager.get_plugin("terminalreporter")
-    capman = request.config.pluginmanager.get_plugin("capturemanager")
-    if tr is not None and capman is not None:
-        with capman.global_and_fixture_disabled():
-            tr.write_line("\n" + text)
 
 
 def _problem(N, D_in, H, D_out, *, seed=0, dtype=torch.float32, bias=True):
@@ -117,6 +110,7 @@ def _swallow(fn):
         pass
 
 
+@pytest.mark.slow  # 100k calls per op in a subprocess
 @pytest.mark.skipif(SANITIZE, reason="ASan's quarantine holds freed memory: RSS says nothing there "
                     "(and LeakSanitizer is off for the interpreter)")
 def test_no_leaks_over_100k_calls(request):
@@ -229,6 +223,7 @@ def test_repeated_calls_are_bitwise_identical(threads, restore_threads):
     assert all(torch.equal(tl.l2_loss(p, q), ref) for _ in range(3))
 
 
+@pytest.mark.slow  # large problems, twice
 @pytest.mark.parametrize("variant", ["tuned", "blas"])
 def test_one_and_two_threads_agree_to_rounding(restore_threads, request, variant):
     """What holds across thread counts is documented in docs/hardening.md: agreement to rounding
@@ -281,6 +276,7 @@ def _errors(N, D_in, H, D_out, seed=0):
     return out
 
 
+@pytest.mark.slow  # up to the large size
 def test_float32_error_against_float64_oracle(request):
     """max |float32 - float64| / max |float64| per result (normwise relative error), at the
     seed, medium and large sizes. Bounds: eps32 * sqrt(K) * 16 for the sums of K terms along the
@@ -302,30 +298,6 @@ def test_float32_error_against_float64_oracle(request):
         f"{label} {sizes[label]}: " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items())
         for label, errs in table.items())
     _report(request, header)
-
-
-def test_loss_sum_keeps_precision_at_large_n(request):
-    """~21M float32 squared errors: a plain float32 running sum is off by ~1e-2 here (it stalls at
-    2^24 for ones); pairwise or wider accumulation stays within a few eps."""
-    n = (1 << 24) + (1 << 22)
-    if SANITIZE:
-        n = 1 << 21
-    g = torch.Generator().manual_seed(0)
-    pred = torch.rand(n, generator=g) + 0.5          # d^2 in [0.25, 2.25): full mantissas
-    target = torch.zeros(n)
-    exact = math.fsum((pred.double() ** 2).tolist()) if n <= 1 << 21 else float(
-        np.sum(np.square(pred.double().numpy()), dtype=np.float64))
-    errs = {}
-    for reduction in ("sum", "mean"):
-        want = exact if reduction == "sum" else exact / n
-        got = tl.l2_loss(pred, target, reduction).item()
-        errs[reduction] = abs(got - want) / want
-    ones = torch.ones(n)
-    got_ones = tl.l2_loss(ones, target).item()
-    errs["ones"] = abs(got_ones - n) / n
-    _report(request, f"l2_loss over {n} float32 elements: rel err " + ", ".join(
-        f"{k} {v:.1e}" for k, v in errs.items()))
-    assert all(e < 1e-5 for e in errs.values()), errs
 
 
 # ---- 8. more than 2^31 elements ------------------------------------------------------------------
@@ -393,6 +365,7 @@ def large_helper():
     print(json.dumps(out))
 
 
+@pytest.mark.slow  # >2^31 elements, in a subprocess
 @pytest.mark.skipif(SANITIZE, reason="ASan's shadow memory and the address-space limit collide")
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses Linux mmap/zero-page semantics")
 def test_more_than_2_31_elements_work_or_fail_clearly(request):

@@ -8,7 +8,8 @@ import torch
 import twolayer_ext as tl
 from twolayer_ext import reference as R
 
-pytestmark = pytest.mark.usefixtures("cpu_kernel")  # every test, both CPU variants
+pytestmark = [pytest.mark.usefixtures("cpu_kernel"),  # every test, every CPU variant
+              pytest.mark.slow]  # 500 steps each
 
 STEPS, LR = 500, 1e-6
 

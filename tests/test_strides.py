@@ -1,8 +1,10 @@
 """Behaviour: strides. Transposed, sliced and stepped tensors (inputs, weights, biases, grad
 outputs, expanded gradients) give the same answers as contiguous ones, and sgd_step updates a
-strided weight in place (same storage). Refused aliasing is tests/test_hostile.py (bad input).
-Per device and per CPU kernel variant. Merged from test_inputs.py and test_sgd_step.py.
+strided weight in place (same storage), and takes a strided argument in each of its slots
+(against the numpy oracle). Refused aliasing is tests/test_hostile.py (bad input). Per CPU kernel
+variant, and per device where the test takes one.
 """
+import numpy as np
 import pytest
 import torch
 
@@ -72,3 +74,32 @@ def test_strided_weights_updated_in_place(device):
     assert w1_t.data_ptr() == ptr and not w1_t.is_contiguous()
     torch.testing.assert_close(w1_t, ref["w1"].detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(w2, ref["w2"].detach(), rtol=1e-12, atol=1e-12)
+
+
+def _f64(*shape):
+    return torch.randn(*shape, dtype=torch.float64)
+
+
+STRIDED_SGD_ARGS = {
+    # README: "Inputs may have any strides (a transposed weight, a sliced batch)"
+    "sliced-batch-x": lambda: dict(x=_f64(6, 5)[::2]),
+    "expanded-x": lambda: dict(x=_f64(1, 5).expand(3, 5)),
+    "expanded-target": lambda: dict(target=_f64(1, 2).expand(3, 2)),
+    "sliced-target": lambda: dict(target=_f64(3, 4)[:, ::2]),
+    "sliced-w1": lambda: dict(w1=_f64(10, 8)[::2, :4]),
+    "column-sliced-w2": lambda: dict(w2=_f64(4, 6)[:, ::3]),
+    "sliced-b1": lambda: dict(b1=_f64(8)[::2]),
+}
+
+
+@pytest.mark.parametrize("what", list(STRIDED_SGD_ARGS))
+def test_sgd_step_accepts_strided_arguments(what):
+    torch.manual_seed(0)
+    a = dict(x=_f64(3, 5), target=_f64(3, 2), w1=_f64(5, 4), w2=_f64(4, 2), b1=_f64(4), b2=None)
+    a.update(STRIDED_SGD_ARGS[what]())
+    params = {k: None if a[k] is None else a[k].numpy().copy() for k in ("w1", "w2", "b1", "b2")}
+    expected = R.numpy_sgd_step(a["x"].numpy(), a["target"].numpy(), params, 0.1)
+    loss = tl.sgd_step(a["x"], a["target"], a["w1"], a["w2"], a["b1"], a["b2"], lr=0.1)
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    for k in ("w1", "w2", "b1"):
+        np.testing.assert_allclose(a[k].numpy(), params[k], rtol=1e-12, atol=1e-12)

@@ -64,6 +64,7 @@ def test_tiny_problems_take_the_rule_unmeasured():
         assert "rule: below" in tl.cpu_kernel_info((4, 8, 8, 2))
 
 
+@pytest.mark.slow  # two subprocesses, each measuring
 def test_wisdom_file_is_written_and_read_back_with_the_same_pick(tmp_path):
     wisdom = tmp_path / "sub" / "wisdom.txt"
     first = child(wisdom)
@@ -77,6 +78,7 @@ def test_wisdom_file_is_written_and_read_back_with_the_same_pick(tmp_path):
     assert second["loss"] == first["loss"]  # the same variant: the same bits
 
 
+@pytest.mark.slow  # a subprocess that measures
 @pytest.mark.parametrize("bad", ["corrupt", "stale", "bad-line"])
 def test_bad_wisdom_warns_once_and_measures_again(tmp_path, bad):
     wisdom = tmp_path / "wisdom.txt"
@@ -95,6 +97,7 @@ def test_bad_wisdom_warns_once_and_measures_again(tmp_path, bad):
     assert child(wisdom)["warnings"] == []  # rewritten whole, good again
 
 
+@pytest.mark.slow  # a subprocess that measures
 def test_unwritable_wisdom_never_fails_a_call(tmp_path):
     folder = tmp_path / "ro"
     folder.mkdir()
@@ -111,11 +114,13 @@ def test_unwritable_wisdom_never_fails_a_call(tmp_path):
         folder.chmod(0o700)
 
 
+@pytest.mark.slow  # a subprocess that measures
 def test_wisdom_off_writes_nothing(tmp_path):
     got = child("off", HOME=str(tmp_path), XDG_CACHE_HOME=str(tmp_path / "cache"))
     assert "measured" in got["info"] and not any(tmp_path.rglob("*wisdom*"))
 
 
+@pytest.mark.slow  # the tune CLI in a subprocess
 def test_tune_cli_measures_and_reports(tmp_path):
     out = tmp_path / "tune.json"
     r = subprocess.run([sys.executable, "-m", "twolayer_ext.tune", "--size", "96,200,64,8",
