@@ -80,7 +80,7 @@ def test_every_optimizer_trains_like_nn_sequential(make_opt):
     for _ in range(4):
         def closure_ours():
             opt_ours.zero_grad()
-            loss = net.loss(x, y)
+            loss = net.loss(x, y, "sum")
             loss.backward()
             return loss
 
@@ -100,7 +100,7 @@ def test_gradients_accumulate_and_clip():
     net, seq = pair()
     x, y = torch.randn(10, 12, dtype=torch.float64), torch.randn(10, 4, dtype=torch.float64)
     for half in (slice(0, 5), slice(5, 10)):  # two micro-batches add into .grad
-        (net.loss(x[half], y[half]) * 0.5).backward()
+        (net.loss(x[half], y[half], "sum") * 0.5).backward()
         (seq_loss(seq, x[half], y[half]) * 0.5).backward()
     assert_grads_match(net, seq)
     n1 = nn.utils.clip_grad_norm_(net.parameters(), max_norm=1.0)
@@ -120,7 +120,7 @@ def test_frozen_parameters_get_no_gradient_and_do_not_move():
     x, y = torch.randn(8, 12, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64)
     for _ in range(3):
         opt.zero_grad()
-        net.loss(x, y).backward()
+        net.loss(x, y, "sum").backward()
         seq_loss(seq, x, y).backward()
         opt.step()
     assert net.weight1.grad is None and net.b2.grad is None
@@ -144,9 +144,9 @@ def test_no_grad_and_inference_mode_compute_only_the_loss():
     x, y = torch.randn(7, 12, dtype=torch.float64), torch.randn(7, 4, dtype=torch.float64)
     expected = seq_loss(seq, x, y).detach()
     with torch.no_grad():
-        a = net.loss(x, y)
+        a = net.loss(x, y, "sum")
     with torch.inference_mode():
-        b = net.loss(x, y)
+        b = net.loss(x, y, "sum")
     for loss in (a, b):
         assert not loss.requires_grad and loss.grad_fn is None
         torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
@@ -159,11 +159,11 @@ def test_leading_dimensions_like_nn_linear(shape):
     y = torch.randn(*shape[:-1], 4, dtype=torch.float64)
     torch.testing.assert_close(net(x), seq(x), rtol=1e-12, atol=1e-12)
     assert net(x).shape == seq(x).shape
-    net.loss(x, y).backward()
+    net.loss(x, y, "sum").backward()
     seq_loss(seq, x, y).backward()
     assert_grads_match(net, seq)
     with pytest.raises(ValueError, match=r"target must have shape \[\*, D_out\] = \[[0-9, ]*4\]"):
-        net.loss(x, y.reshape(-1, 4)[:1] if x.dim() > 2 else torch.randn(3, 2, 4))
+        net.loss(x, y.reshape(-1, 4)[:1] if x.dim() > 2 else torch.randn(3, 2, 4), "sum")
 
 
 def test_transposed_weights_read_in_place():
@@ -184,7 +184,7 @@ def test_backward_hands_the_saved_gradients_over_without_a_copy():
     second backward, and any other seed scales them."""
     net, seq = pair()
     x, y = torch.randn(10, 12, dtype=torch.float64), torch.randn(10, 4, dtype=torch.float64)
-    loss = net.loss(x, y)
+    loss = net.loss(x, y, "sum")
     with torch.profiler.profile() as prof:
         loss.backward()
     ran = {e.name for e in prof.events()}
@@ -193,12 +193,27 @@ def test_backward_hands_the_saved_gradients_over_without_a_copy():
     assert_grads_match(net, seq)
     with pytest.raises(RuntimeError, match="backward through the graph a second time"):
         loss.backward()
-    loss = net.loss(x, y)
+    loss = net.loss(x, y, "sum")
     loss.backward(retain_graph=True)  # shared with .grad, so copied there
     loss.backward()  # the retained graph: the same gradients once more
     for _ in range(2):
         seq_loss(seq, x, y).backward()
     assert_grads_match(net, seq)
-    (net.loss(x, y) * 0.5).backward()
+    (net.loss(x, y, "sum") * 0.5).backward()
     (seq_loss(seq, x, y) * 0.5).backward()
     assert_grads_match(net, seq)
+
+
+def test_default_reduction_is_mse_loss_default():
+    # A drop-in for nn.Sequential + nn.MSELoss(): the same loss and gradient with no argument.
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 5, dtype=torch.float64), torch.randn(16, 3, dtype=torch.float64)
+    seq = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3)).double()
+    net = tl.TwoLayerNet.from_sequential(seq)
+    ours, ref = net.loss(x, y), nn.MSELoss()(seq(x), y)
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(net(x, y), ref)
+    ours.backward()
+    ref.backward()
+    torch.testing.assert_close(net.weight1.grad, seq[0].weight.grad)
+    torch.testing.assert_close(net.bias2.grad, seq[2].bias.grad)

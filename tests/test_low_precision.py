@@ -277,7 +277,7 @@ def test_autocast_runs_in_the_autocast_dtype_like_nn_sequential(bias, device):
     with torch.autocast(device, dtype=dtype):
         y, y_seq = net(x), seq(x)
         loss, loss_seq = tl.l2_loss(y, target), nn.MSELoss(reduction="sum")(y_seq, target)
-        fused = net.loss(x, target)
+        fused = net.loss(x, target, "sum")
     assert y.dtype == y_seq.dtype == dtype
     assert loss.dtype == loss_seq.dtype == torch.float32  # mse_loss's fp32 policy
     assert fused.dtype == torch.float32
@@ -297,7 +297,7 @@ def test_autocast_fused_loss_accumulates_in_float32(reduction, device):
     torch.testing.assert_close(fused, want, rtol=1e-6, atol=0)
     if device == "cuda":  # a sum above float16's range stays finite
         with torch.autocast(device, dtype=torch.float16):
-            assert torch.isfinite(net.loss(x, 1000 * target))
+            assert torch.isfinite(net.loss(x, 1000 * target, "sum"))
 
 
 @pytest.mark.parametrize("path", ["two_layer+l2_loss", "fused"])
@@ -341,7 +341,7 @@ def test_module_to_low_precision_trains(dtype_name):
     net = tl.TwoLayerNet(20, 16, 4).to(dtype)
     x, target = torch.randn(64, 20, dtype=dtype), torch.randn(64, 4, dtype=dtype)
     assert net(x).dtype == dtype
-    loss = net.loss(x, target)
+    loss = net.loss(x, target, "sum")
     loss.backward()
     assert loss.dtype == dtype and all(p.grad.dtype == dtype for p in net.parameters())
     first = net.sgd_step(x, target, lr=1e-3).item()

@@ -136,7 +136,7 @@ def test_an_overflowing_fused_loss_and_sgd_step_return_inf(device):
             p.fill_(0.1)
     x, y = torch.full((3, 4), 1e22, device=device), torch.zeros(3, 4, device=device)
     assert torch.isinf(nn.functional.mse_loss(net(x), y, reduction="sum"))  # torch's answer
-    assert torch.isinf(net.loss(x, y))
+    assert torch.isinf(net.loss(x, y, "sum"))
     assert torch.isinf(net.sgd_step(x, y, lr=1e-30))  # no error after the weights moved
 
 
@@ -209,7 +209,7 @@ def test_optimizer_state_from_nn_sequential_resumes_exactly(bias, widths):
     opt2.load_state_dict(checkpoint["opt"])
     for _ in range(2):
         for o, loss in ((opt, lambda: nn.functional.mse_loss(seq(x), y, reduction="sum")),
-                        (opt2, lambda: net.loss(x, y))):
+                        (opt2, lambda: net.loss(x, y, "sum"))):
             o.zero_grad()
             loss().backward()
             o.step()
