@@ -44,18 +44,25 @@ OptTensor vector_tensor(const T* p, int64_t n, int64_t stride) {
                        at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
 }
 
-// Where `out` sends a [rows, cols] gradient, as the composite's sink.
+// Where `out` sends the gradient of a [rows, cols] matrix, as the composite's sink.
 template <typename T>
-composite::Sink sink(const GradOut<T>& out, int64_t rows, int64_t cols) {
+composite::Sink matrix_sink(const GradOut<T>& out, int64_t rows, int64_t cols) {
   composite::Sink k;
-  if (out.store) {
-    k.store = rows == 1        ? *vector_tensor<T>(out.store, cols, 1)
-              : out.transposed ? row_major_tensor<T>(out.store, cols, rows).t()
-                               : row_major_tensor<T>(out.store, rows, cols);
-  } else if (out.update.p) {
-    k.weight = rows == 1 ? *vector_tensor<T>(out.update.p, cols, out.update.cs)
-                         : as_tensor(out.update.view(), rows, cols);
-  }
+  if (out.store)
+    k.store = out.transposed ? row_major_tensor<T>(out.store, cols, rows).t()
+                             : row_major_tensor<T>(out.store, rows, cols);
+  else if (out.update.p)
+    k.weight = as_tensor(out.update.view(), rows, cols);
+  return k;
+}
+
+// Where `out` sends the gradient of a bias of n elements (its update view: one row, cs = its
+// stride).
+template <typename T>
+composite::Sink bias_sink(const GradOut<T>& out, int64_t n) {
+  composite::Sink k;
+  if (out.store) k.store = *vector_tensor<T>(out.store, n, 1);
+  else if (out.update.p) k.weight = *vector_tensor<T>(out.update.p, n, out.update.cs);
   return k;
 }
 
@@ -91,8 +98,8 @@ double step(const StepArgs<T>& s) {
     if (g->update.p) o.lr = double(g->lr);
   o.grad_x = maybe_row_major(s.grad_x, d.N, d.D_in);
   o.grad_target = maybe_row_major(s.grad_target, d.N, d.D_out);
-  o.sinks = {sink(s.gw1, d.D_in, d.H), sink(s.gw2, d.H, d.D_out), sink(s.gb1, 1, d.H),
-             sink(s.gb2, 1, d.D_out)};
+  o.sinks = {matrix_sink(s.gw1, d.D_in, d.H), matrix_sink(s.gw2, d.H, d.D_out),
+             bias_sink(s.gb1, d.H), bias_sink(s.gb2, d.D_out)};
   return composite::step<CompositePolicy<kGemms>>(
       as_tensor(s.x, d.N, d.D_in), as_tensor(s.target, d.N, d.D_out),
       as_tensor(s.w1, d.D_in, d.H), as_tensor(s.w2, d.H, d.D_out),
