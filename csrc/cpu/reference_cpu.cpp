@@ -4,6 +4,7 @@
 
 #include <vector>
 
+#include "../loss_value.h"
 #include "cpu_impl.h"
 #include "pool.h"
 
@@ -81,9 +82,9 @@ double step(const StepArgs<T>& s) {
   forward<T>({d, s.x, s.w1, s.w2, s.b1, s.b2, act.data(), y.data()});
   for (int64_t i = 0; i < d.N; ++i)
     for (int64_t j = 0; j < d.D_out; ++j) t[i * d.D_out + j] = s.target.p[i * s.target.rs + j * s.target.cs];
-  const double n = double(ny);
-  const T scale2 = T(s.mean ? 2.0 / n : 2.0);
-  const double total = squared_error_sum<T>(y.data(), t.data(), grad_y.data(), scale2, ny);
+  const L2Loss l2{double(ny), s.mean};
+  const double total =
+      squared_error_sum<T>(y.data(), t.data(), grad_y.data(), T(l2.grad_scale()), ny);
   if (s.wants_any_grad()) {
     auto want = [](const GradOut<T>& o, std::vector<T>& g) { return o.wanted() ? g.data() : nullptr; };
     backward<T>({d, row_major<T>(grad_y.data(), d.D_out), s.x, s.w1, s.w2, act.data(), s.grad_x,
@@ -95,7 +96,7 @@ double step(const StepArgs<T>& s) {
     deliver(s.gb1, gb1.data(), 1, d.H);
     deliver(s.gb2, gb2.data(), 1, d.D_out);
   }
-  return s.mean ? total / n : total;
+  return l2.value(total);
 }
 
 TWOLAYER_INSTANTIATE_VARIANT

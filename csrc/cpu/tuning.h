@@ -87,4 +87,8 @@ constexpr int64_t kBlasMaxChunks = 8;
 // 95 vs 123 ms for the five GEMMs), and a barrier's wait on a busy core is small beside a GEMM.
 constexpr double kBlasOwnThreadsMinFlops = 2e9;
 
+// The CPU's L2 loss sums its squared errors in chunks of this many elements (fixed, so the
+// sum has the same bits for any thread count), the partial sums added pairwise.
+constexpr int64_t kLossChunk = 4096;
+
 }  // namespace twolayer::cpu::tuning

@@ -1,7 +1,8 @@
 // CPU op entry points: check the arguments, allocate the outputs, then hand
 // raw strided views to the kernel variant the registry picks for the shape
-// (variants.h). The L2 loss, one pass for every variant, lives here too.
-// float16/bfloat16 go to lowp_cpu.cpp after the checks (one path for every variant).
+// (variants.h). The L2 loss, one pass for every variant and dtype, lives here too.
+// float16/bfloat16 go, after the checks, to the composite step with the CPU policy
+// (composite/cpu_policy.h), one path for every variant.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mul.h>
@@ -10,10 +11,11 @@
 #include <type_traits>
 #include <vector>
 
+#include "../composite/cpu_policy.h"
+#include "../composite/step.h"
 #include "../kernels.h"
 #include "../loss_value.h"
 #include "cpu_impl.h"
-#include "lowp_cpu.h"
 #include "pool.h"
 #include "tuning.h"
 #include "variants.h"
@@ -44,11 +46,10 @@ GradOut<T> store_into(OptTensor& g) {
   return o;
 }
 
-// A fresh gradient for the 2-D weight w: row-major, or the transpose of a row-major one.
-at::Tensor new_grad(const at::Tensor& w, bool transposed) {
-  if (transposed) return at::empty({w.size(1), w.size(0)}, w.options()).t();
-  return at::empty(w.sizes(), w.options());
-}
+// float16/bfloat16: ATen's GEMMs, each one call, and the CPU policy's passes.
+using SixteenBit = CompositePolicy<Gemms::Whole>;
+
+bool sixteen_bit(const at::Tensor& t) { return defers_mean(t.scalar_type()); }
 // w -= lr * grad in place, for a 2-D weight or a 1-D bias (one row); nothing when absent
 // or not to be updated.
 template <typename T>
@@ -66,37 +67,7 @@ GradOut<T> update_in_place(const OptTensor& w, bool update, T lr) {
 
 template <typename T>
 double squared_error_sum(const T* p, const T* t, T* g, T scale2, int64_t n) {
-  // Fixed chunks, partial sums added pairwise in chunk order: the same bits for
-  // any thread count, and O(log n) error growth for very large losses.
-  constexpr int64_t kChunk = 4096;
-  const int64_t chunks = (n + kChunk - 1) / kChunk;
-  // Reused across calls. A pointer, not the thread_local itself, goes into the parallel
-  // body: there the name would mean each worker thread's own (empty) vector.
-  thread_local std::vector<double> buffer;
-  buffer.assign(chunks, 0.0);
-  double* partial = buffer.data();
-  parallel_for(0, chunks, tuning::kElementwiseGrain / kChunk, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t begin = c * kChunk, end = std::min(n, begin + kChunk);
-      double lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // independent chains, vectorizable
-      int64_t i = begin;
-      for (; i + 8 <= end; i += 8) {
-        for (int l = 0; l < 8; ++l) {
-          const T d = p[i + l] - t[i + l];
-          if (g) g[i + l] = scale2 * d;
-          lanes[l] += double(d) * double(d);
-        }
-      }
-      for (; i < end; ++i) {
-        const T d = p[i] - t[i];
-        if (g) g[i] = scale2 * d;
-        lanes[0] += double(d) * double(d);
-      }
-      partial[c] = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
-                   ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-    }
-  });
-  return pairwise_sum(partial, chunks);
+  return sum_squared_errors<T>(p, t, g, scale2, n);
 }
 template double squared_error_sum<float>(const float*, const float*, float*, float, int64_t);
 template double squared_error_sum<double>(const double*, const double*, double*, double, int64_t);
@@ -105,7 +76,7 @@ std::tuple<at::Tensor, at::Tensor> two_layer_fwd(const at::Tensor& x, const at::
                                                  const at::Tensor& w2, const OptTensor& b1,
                                                  const OptTensor& b2) {
   const Dims d = check_two_layer_args("two_layer", x, w1, w2, b1, b2);
-  if (lowp::handles(x)) return lowp::two_layer_fwd(d, x, w1, w2, b1, b2);
+  if (sixteen_bit(x)) return composite::two_layer_fwd<SixteenBit>(d, x, w1, w2, b1, b2);
   auto act = at::empty({d.N, d.H}, x.options());
   auto y = at::empty({d.N, d.D_out}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "two_layer_fwd", [&] {
@@ -121,7 +92,8 @@ Grads5 two_layer_bwd(const at::Tensor& grad_y, const OptTensor& x, const OptTens
                      const at::Tensor& w2, const at::Tensor& act_in, std::array<bool, 5> output_mask) {
   const auto [need_x, need_w1, need_w2, need_b1, need_b2] = output_mask;
   const Dims d = check_two_layer_bwd_args(grad_y, x, w1, w2, act_in, need_x, need_w1);
-  if (lowp::handles(act_in)) return lowp::two_layer_bwd(grad_y, x, w1, w2, act_in, output_mask);
+  if (sixteen_bit(act_in))
+    return composite::two_layer_bwd<SixteenBit>(d, grad_y, x, w1, w2, act_in, output_mask);
   const auto act = act_in.expect_contiguous();  // two_layer_fwd's own act: no copy
   const auto opts = act->options();
   OptTensor grad_x, grad_w1, grad_w2, grad_b1, grad_b2;
@@ -145,23 +117,8 @@ Grads5 two_layer_bwd(const at::Tensor& grad_y, const OptTensor& x, const OptTens
 std::tuple<at::Tensor, OptTensor> l2_loss_fwd(const at::Tensor& pred, const at::Tensor& target,
                                               c10::string_view reduction, bool need_grad) {
   const Reduction r = check_l2_loss_args(pred, target, reduction);
-  if (lowp::handles(pred)) return lowp::l2_loss_fwd(pred, target, r, need_grad);
-  // Non-contiguous inputs are read through a contiguous copy (made only then).
-  const auto p = pred.expect_contiguous();
-  const auto t = target.expect_contiguous();
-  const int64_t n = pred.numel();
-  auto loss = at::empty({}, pred.options());
-  OptTensor grad;
-  if (need_grad) grad = at::empty(pred.sizes(), pred.options());
-  AT_DISPATCH_FLOATING_TYPES(pred.scalar_type(), "l2_loss_fwd", [&] {
-    // mean of an empty tensor is NaN, as in numpy and nn.MSELoss.
-    const double scale = r == Reduction::Mean ? 1.0 / double(n) : 1.0;
-    const double total = squared_error_sum<scalar_t>(
-        p->data_ptr<scalar_t>(), t->data_ptr<scalar_t>(),
-        need_grad ? grad->data_ptr<scalar_t>() : nullptr, scalar_t(2.0 * scale), n);
-    loss.fill_(loss_value(r == Reduction::Mean ? total / double(n) : total, pred.scalar_type()));
-  });
-  return {loss, grad};
+  // One pass for every variant and dtype: only its GEMMs differ between the variants.
+  return composite::l2_loss_fwd<SixteenBit>(pred, target, r, need_grad);
 }
 
 at::Tensor l2_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& grad) {
@@ -176,17 +133,17 @@ FusedLossGrads two_layer_l2_loss_fwd(const at::Tensor& x, const at::Tensor& targ
                                      std::array<bool, 2> grad_transposed) {
   const Dims d = check_two_layer_l2_loss_args(x, target, w1, w2, b1, b2);
   const bool mean = parse_reduction("two_layer_l2_loss", reduction) == Reduction::Mean;
-  if (lowp::handles(x))
-    return lowp::two_layer_l2_loss_fwd(d, x, target, w1, w2, b1, b2, mean, output_mask,
-                                       grad_transposed);
+  if (sixteen_bit(x))
+    return composite::two_layer_l2_loss_fwd<SixteenBit>(d, x, target, w1, w2, b1, b2, mean,
+                                                        output_mask, grad_transposed);
   const auto [need_x, need_target, need_w1, need_w2, need_b1, need_b2] = output_mask;
   const auto opts = x.options();
   auto loss = at::empty({}, opts);
   OptTensor grad_x, grad_target, grad_w1, grad_w2, grad_b1, grad_b2;
   if (need_x) grad_x = at::empty({d.N, d.D_in}, opts);
   if (need_target) grad_target = at::empty({d.N, d.D_out}, opts);
-  if (need_w1) grad_w1 = new_grad(w1, grad_transposed[0]);
-  if (need_w2) grad_w2 = new_grad(w2, grad_transposed[1]);
+  if (need_w1) grad_w1 = composite::new_grad(w1, grad_transposed[0]);
+  if (need_w2) grad_w2 = composite::new_grad(w2, grad_transposed[1]);
   if (need_b1 && b1) grad_b1 = at::empty({d.H}, opts);
   if (need_b2 && b2) grad_b2 = at::empty({d.D_out}, opts);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "two_layer_l2_loss_fwd", [&] {
@@ -207,7 +164,8 @@ at::Tensor sgd_step(const at::Tensor& x, const at::Tensor& target, const at::Ten
                     c10::string_view reduction, std::array<bool, 4> update) {
   const Dims d = check_sgd_step_args(x, target, w1, w2, b1, b2, lr);
   const bool mean = parse_reduction("sgd_step", reduction) == Reduction::Mean;
-  if (lowp::handles(x)) return lowp::sgd_step(d, x, target, w1, w2, b1, b2, lr, mean, update);
+  if (sixteen_bit(x))
+    return composite::sgd_step<SixteenBit>(x, target, w1, w2, b1, b2, lr, mean, update);
   const auto [update_w1, update_w2, update_b1, update_b2] = update;
   const PoolScope pool;  // the whole step in one call: our pool (pool.h)
   auto loss = at::empty({}, x.options());

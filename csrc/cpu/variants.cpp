@@ -148,7 +148,7 @@ std::string kernel_info(const std::optional<Dims>& d, c10::ScalarType dtype) {
   const int c = current_choice();
   std::string s = choice_name(c), why;
   if (d && low_precision(dtype)) {
-    s += ": low precision (lowp_cpu.cpp: one path for every variant)";
+    s += ": low precision (the composite step: one path for every variant)";
   } else if (d && c == kAuto) {
     tuned_row();
     const tuner::Pick p = tuner::pick(*d, dtype);

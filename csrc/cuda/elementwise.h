@@ -21,9 +21,9 @@ void apply_relu_mask_(const at::Tensor& grad_h, const at::Tensor& act);
 // loss (0-dim) = (sum of (pred - target)^2) / loss_divisor, accumulated in
 // float64 in a fixed order (same bits on every run), inf where it overflows
 // loss's dtype; and, in the same read,
-// grad = grad_scale * (pred - target) when `grad` is given. The two scales are
-// apart because a fused step keeps grad_scale = 2 for the mean too (see
-// two_layer_cuda.cu).
+// grad = grad_scale * (pred - target) when `grad` is given (it may be pred
+// itself). The two scales are apart because a 16-bit fused step keeps
+// grad_scale = 2 for the mean too (L2Loss, loss_value.h).
 void squared_error(const at::Tensor& pred, const at::Tensor& target, double loss_divisor,
                    const at::Tensor& loss, const std::optional<at::Tensor>& grad,
                    double grad_scale);
