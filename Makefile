@@ -33,7 +33,7 @@ build: setup
 	@PYTHONUNBUFFERED=1 bash -o pipefail -c '$(PY) setup.py build_ext --inplace --force 2>&1 \
 		| tee build.log | sed -nu -e "s|$(CURDIR)/||g" -e "/^twolayer_ext: /p" -e "/^ninja: no work/p" \
 			-e "s|^\(\[[0-9]*/[0-9]*\]\) .* -c \([^ ]*\) .*|\1 \2|p" \
-			-e "s|^.* -shared .* -o [^ ]*/\([^ /]*\.so\).*|linking \1|p"' \
+			-e "s|^.* -shared .* -o [^ ]*/\([^ /]*/[^ /]*\.so\).*|linking \1|p"' \
 		|| { tail -40 build.log; echo "build failed: see build.log"; exit 1; }
 	@(cd / && $(abspath $(PY)) -c 'import importlib.util as u, sys; s = u.find_spec("twolayer_ext"); \
 		sys.exit(s is None or s.origin != sys.argv[1])' "$(CURDIR)/twolayer_ext/__init__.py") \
