@@ -28,10 +28,15 @@ setup:
 # isolation anywhere: build against the torch in the venv, not a fresh download (ABI).
 # The first time, pip registers the package (editable, console script) without compiling it
 # again (TWOLAYER_REGISTER_ONLY, see setup.py); the import check runs outside the tree.
+# While it builds: the line saying what is built, then ninja's "[k/n]" line as each object
+# finishes, shortened to its source file, and the link; everything else (full commands, warnings)
+# only in build.log, whose tail shows when the build fails.
 build: setup
-	@$(PY) setup.py build_ext --inplace --force > build.log 2>&1 \
+	@PYTHONUNBUFFERED=1 bash -o pipefail -c '$(PY) setup.py build_ext --inplace --force 2>&1 \
+		| tee build.log | sed -nu -e "s|$(CURDIR)/||g" -e "/^twolayer_ext: /p" -e "/^ninja: no work/p" \
+			-e "s|^\(\[[0-9]*/[0-9]*\]\) .* -c \([^ ]*\) .*|\1 \2|p" \
+			-e "s|^.* -shared .* -o [^ ]*/\([^ /]*/[^ /]*\.so\).*|linking \1|p"' \
 		|| { tail -40 build.log; echo "build failed: see build.log"; exit 1; }
-	@grep -m1 -o 'twolayer_ext: building.*' build.log
 	@(cd / && $(abspath $(PY)) -c 'import importlib.util as u, sys; s = u.find_spec("twolayer_ext"); \
 		sys.exit(s is None or s.origin != sys.argv[1])' "$(CURDIR)/twolayer_ext/__init__.py") \
 	|| TWOLAYER_REGISTER_ONLY=1 $(PY) -m pip install -q --disable-pip-version-check \

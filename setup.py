@@ -57,10 +57,34 @@ def write_build_info(backend, reason):
         f.write(f"REASON = {reason!r}\n")
 
 
+def announce(line):
+    """Prints `line`, and shows it through pip too.
+
+    pip captures a build backend's output and shows it only with -v or when the build fails; on a
+    terminal the line also goes straight to it (/dev/tty), so that a plain `pip install .` says
+    what it builds. Not when pip shows the output anyway (our stdout is then the terminal)."""
+    print(line, flush=True)
+    if "PIP_BUILD_TRACKER" not in os.environ or sys.stdout.isatty():
+        return
+    try:
+        with open("/dev/tty", "w") as tty:
+            tty.write(f"\n{line}\n")  # pip's spinner holds the current line
+    except OSError:
+        pass  # no terminal: pip's log (-v) has the line
+
+
+class BuildExtension(cpp_extension.BuildExtension):
+    """Says what it builds when the build starts (pip runs setup.py for its metadata too)."""
+
+    def build_extensions(self):
+        for ext in self.extensions:
+            announce(f"twolayer_ext: building the {ext.backend} extension ({ext.reason})")
+        super().build_extensions()
+
+
 def extension():
     build_cuda, reason = choose_backend()
     backend = "CUDA" if build_cuda else "CPU-only"
-    print(f"twolayer_ext: building the {backend} extension ({reason})", flush=True)
     write_build_info(backend, reason)
 
     # No -std flag: torch's BuildExtension passes the standard its headers need (C++20 for 2.14).
@@ -75,8 +99,10 @@ def extension():
                      glob.glob(f"csrc/**/*.{ext}", recursive=True)) + ["setup.py"]
     kwargs = dict(extra_link_args=link, py_limited_api=True, depends=depends)
     if not build_cuda:
-        return cpp_extension.CppExtension(
+        ext = cpp_extension.CppExtension(
             "twolayer_ext._C", sources, extra_compile_args={"cxx": cxx}, **kwargs)
+        ext.backend, ext.reason = backend, reason
+        return ext
     cxx.append("-DTWOLAYER_WITH_CUDA")
     nvcc = ["-O3", "-DTWOLAYER_WITH_CUDA", "--expt-relaxed-constexpr"]
     # torch's ATen/cuda headers include cuBLAS/cuSPARSE/cuSOLVER headers, which a bare toolkit
@@ -88,15 +114,17 @@ def extension():
         if any(os.path.exists(os.path.join(inc, h)) for h in library_headers):
             cxx += ["-isystem", inc]
             nvcc += ["-isystem", inc]
-    return cpp_extension.CUDAExtension(
+    ext = cpp_extension.CUDAExtension(
         "twolayer_ext._C", sources + sorted(glob.glob("csrc/cuda/*.cu")),
         extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs)
+    ext.backend, ext.reason = backend, reason
+    return ext
 
 
 register_only = os.environ.get("TWOLAYER_REGISTER_ONLY", "").strip() == "1"
 setup(
     packages=find_packages(include=["twolayer_ext", "twolayer_ext.*"]),
     ext_modules=[] if register_only else [extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    cmdclass={"build_ext": BuildExtension},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )
