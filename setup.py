@@ -9,6 +9,7 @@ build/ folder, where ninja recompiles only what changed (sources, headers or fla
 the package with pip once with TWOLAYER_REGISTER_ONLY=1: an editable install that leaves the
 extension out (pip would compile it again in a fresh temporary folder) and uses the in-place one.
 """
+
 import glob
 import os
 import shlex
@@ -39,13 +40,20 @@ def choose_backend():
         missing.append("no CUDA sources in csrc/cuda")
     if not missing and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         # torch picks the architectures from the visible GPUs, and crashes when there are none.
-        missing.append("no GPU visible to choose an architecture for (set TORCH_CUDA_ARCH_LIST, e.g. 9.0)")
+        missing.append(
+            "no GPU visible to choose an architecture for (set TORCH_CUDA_ARCH_LIST, e.g. 9.0)"
+        )
     if missing:
         if forced == "1":
-            sys.exit("twolayer_ext: TWOLAYER_CUDA=1 but CUDA cannot be built: " + "; ".join(missing))
+            sys.exit(
+                "twolayer_ext: TWOLAYER_CUDA=1 but CUDA cannot be built: " + "; ".join(missing)
+            )
         return False, "; ".join(missing)
     why = "TWOLAYER_CUDA=1" if forced == "1" else "found"
-    return True, f"{why}: torch {torch.__version__} with CUDA {torch.version.cuda}, nvcc in {cuda_home}"
+    return (
+        True,
+        f"{why}: torch {torch.__version__} with CUDA {torch.version.cuda}, nvcc in {cuda_home}",
+    )
 
 
 def write_build_info(backend, reason):
@@ -95,12 +103,14 @@ def extension():
     link = ["-fopenmp"] + shlex.split(os.environ.get("TWOLAYER_EXTRA_LDFLAGS", ""))
     # Headers too: setuptools relinks only when a dependency is newer than the .so, and ninja's
     # own header tracking only rebuilds the objects.
-    depends = sorted(f for ext in ("h", "inc", "cuh") for f in
-                     glob.glob(f"csrc/**/*.{ext}", recursive=True)) + ["setup.py"]
+    depends = sorted(
+        f for ext in ("h", "inc", "cuh") for f in glob.glob(f"csrc/**/*.{ext}", recursive=True)
+    ) + ["setup.py"]
     kwargs = dict(extra_link_args=link, py_limited_api=True, depends=depends)
     if not build_cuda:
         ext = cpp_extension.CppExtension(
-            "twolayer_ext._C", sources, extra_compile_args={"cxx": cxx}, **kwargs)
+            "twolayer_ext._C", sources, extra_compile_args={"cxx": cxx}, **kwargs
+        )
         ext.backend, ext.reason = backend, reason
         return ext
     cxx.append("-DTWOLAYER_WITH_CUDA")
@@ -115,8 +125,11 @@ def extension():
             cxx += ["-isystem", inc]
             nvcc += ["-isystem", inc]
     ext = cpp_extension.CUDAExtension(
-        "twolayer_ext._C", sources + sorted(glob.glob("csrc/cuda/*.cu")),
-        extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs)
+        "twolayer_ext._C",
+        sources + sorted(glob.glob("csrc/cuda/*.cu")),
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        **kwargs,
+    )
     ext.backend, ext.reason = backend, reason
     return ext
 

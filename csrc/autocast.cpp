@@ -23,8 +23,7 @@ enum class Policy { LowerPrecision, Float32 };
 // (cached_cast passes the other arguments through).
 template <c10::DeviceType dev, Policy policy, typename Sig, typename... Args>
 at::Tensor cast_and_call(const char* name, const Args&... args) {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(
       at::autocast::get_autocast_dispatch_key_from_device_type(dev));
   const at::ScalarType to = policy == Policy::Float32
@@ -36,15 +35,15 @@ at::Tensor cast_and_call(const char* name, const Args&... args) {
 template <c10::DeviceType dev>
 at::Tensor two_layer_autocast(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
                               const OptTensor& b1, const OptTensor& b2) {
-  return cast_and_call<dev, Policy::LowerPrecision, sig::two_layer>("twolayer_ext::two_layer", x, w1, w2,
-                                                         b1, b2);
+  return cast_and_call<dev, Policy::LowerPrecision, sig::two_layer>("twolayer_ext::two_layer", x,
+                                                                    w1, w2, b1, b2);
 }
 
 template <c10::DeviceType dev>
 at::Tensor l2_loss_autocast(const at::Tensor& pred, const at::Tensor& target,
                             c10::string_view reduction) {
   return cast_and_call<dev, Policy::Float32, sig::l2_loss>("twolayer_ext::l2_loss", pred, target,
-                                                  reduction);
+                                                           reduction);
 }
 
 // The loss of two_layer + l2_loss under autocast, as nn.Linear + nn.MSELoss: the prediction in
@@ -60,9 +59,9 @@ at::Tensor two_layer_l2_loss_autocast(const at::Tensor& x, const at::Tensor& tar
 
 }  // namespace
 
-#define TWOLAYER_REGISTER_AUTOCAST(m, dev)                           \
-  m.impl("two_layer", &two_layer_autocast<dev>);                     \
-  m.impl("l2_loss", &l2_loss_autocast<dev>);                         \
+#define TWOLAYER_REGISTER_AUTOCAST(m, dev)       \
+  m.impl("two_layer", &two_layer_autocast<dev>); \
+  m.impl("l2_loss", &l2_loss_autocast<dev>);     \
   m.impl("two_layer_l2_loss", &two_layer_l2_loss_autocast<dev>)
 
 TORCH_LIBRARY_IMPL(twolayer_ext, AutocastCPU, m) {

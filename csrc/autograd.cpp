@@ -43,8 +43,7 @@ c10::TypedOperatorHandle<Sig> op(const char* name) {
 }
 
 // The kernel op `name`, typed by its row in op_table.h.
-#define TWOLAYER_OP(var, name) \
-  static const auto var = op<sig::name>("twolayer_ext::" #name)
+#define TWOLAYER_OP(var, name) static const auto var = op<sig::name>("twolayer_ext::" #name)
 
 bool needs_grad(const at::Tensor& t) { return t.defined() && t.requires_grad(); }
 bool needs_grad(const OptTensor& t) { return t && t->requires_grad(); }
@@ -59,7 +58,8 @@ template <typename... Inputs>
 void refuse_forward_ad(const char* public_name, const Inputs&... inputs) {
   TORCH_CHECK_NOT_IMPLEMENTED(!(has_tangent(inputs) || ...),
                               "twolayer_ext: forward-mode AD (torch.func.jvp, jacfwd, hessian, "
-                              "torch.autograd.forward_ad) through ", public_name,
+                              "torch.autograd.forward_ad) through ",
+                              public_name,
                               " is not implemented; use reverse mode (backward, torch.func.grad, "
                               "vjp, jacrev), or the torch reference for forward mode");
 }
@@ -101,16 +101,17 @@ struct NoDerivative : Node {
   std::string kernel;  // the kernel op, without the namespace
   std::string name() const override { return "NoDerivative"; }
   variable_list apply(variable_list&&) override {
-    TORCH_CHECK(false, "twolayer_ext: double backward (create_graph=True, then a second "
+    TORCH_CHECK(false,
+                "twolayer_ext: double backward (create_graph=True, then a second "
                 "backward) and higher-order derivatives (hessian, torch.func.grad of grad, "
-                "jacrev of jacrev) through ", public_op_of(kernel), " are not supported: ",
-                kernel, " has no derivative formula (the public ops differentiate once); use "
+                "jacrev of jacrev) through ",
+                public_op_of(kernel), " are not supported: ", kernel,
+                " has no derivative formula (the public ops differentiate once); use "
                 "the torch reference implementation for higher-order gradients");
   }
 };
 
 // ---- two_layer -----------------------------------------------------------------------------
-
 
 struct TwoLayerBackward : Node {
   SavedVariable x, w1, w2, act;
@@ -153,7 +154,6 @@ at::Tensor two_layer_autograd(const at::Tensor& x, const at::Tensor& w1, const a
 }
 
 // ---- l2_loss -------------------------------------------------------------------------------
-
 
 // A CPU tensor whose value can be read here: not a fake, functional, batched or wrapped one
 // (torch.compile, opcheck and torch.func trace through the node without values).
@@ -218,13 +218,13 @@ at::Tensor l2_loss_autograd(const at::Tensor& pred, const at::Tensor& target,
   node->node_name = "L2LossBackward";
   node->saved.resize(2);
   if (need_pred) node->saved[0] = SavedVariable(*g, false);
-  if (need_target) node->saved[1] = SavedVariable(below_autograd([&] { return at::neg(*g); }), false);
+  if (need_target)
+    node->saved[1] = SavedVariable(below_autograd([&] { return at::neg(*g); }), false);
   torch::autograd::set_history(loss, node);
   return loss;
 }
 
 // ---- two_layer_l2_loss ---------------------------------------------------------------------
-
 
 at::Tensor two_layer_l2_loss_autograd(const at::Tensor& x, const at::Tensor& target,
                                       const at::Tensor& w1, const at::Tensor& w2,
@@ -232,8 +232,8 @@ at::Tensor two_layer_l2_loss_autograd(const at::Tensor& x, const at::Tensor& tar
                                       c10::string_view reduction) {
   TWOLAYER_OP(fwd, two_layer_l2_loss_fwd);
   refuse_forward_ad("two_layer_l2_loss", x, target, w1, w2, b1, b2);
-  std::array<bool, 6> mask{needs_grad(x), needs_grad(target), needs_grad(w1),
-                           needs_grad(w2), needs_grad(b1), needs_grad(b2)};
+  std::array<bool, 6> mask{needs_grad(x),  needs_grad(target), needs_grad(w1),
+                           needs_grad(w2), needs_grad(b1),     needs_grad(b2)};
   if (!c10::GradMode::is_enabled()) mask.fill(false);
   // Gradients in their weight's layout (kernels.h), so AccumulateGrad takes them as they are.
   const std::array<bool, 2> transposed{transposed_layout(w1), transposed_layout(w2)};
@@ -241,8 +241,8 @@ at::Tensor two_layer_l2_loss_autograd(const at::Tensor& x, const at::Tensor& tar
       [&] { return fwd.call(x, target, w1, w2, b1, b2, reduction, mask, transposed); });
   at::Tensor loss = std::get<0>(outs);
   if (!(mask[0] || mask[1] || mask[2] || mask[3] || mask[4] || mask[5])) return loss;
-  auto node = make_node<ScaleSavedGrads>(
-      torch::autograd::collect_next_edges(x, target, w1, w2, b1, b2));
+  auto node =
+      make_node<ScaleSavedGrads>(torch::autograd::collect_next_edges(x, target, w1, w2, b1, b2));
   node->node_name = "TwoLayerL2LossBackward";
   node->saved.resize(6);
   const std::array<OptTensor, 6> grads{std::get<1>(outs), std::get<2>(outs), std::get<3>(outs),
@@ -268,9 +268,8 @@ at::Tensor l2_loss_plain(const at::Tensor& pred, const at::Tensor& target,
 }
 
 at::Tensor two_layer_l2_loss_plain(const at::Tensor& x, const at::Tensor& target,
-                                   const at::Tensor& w1, const at::Tensor& w2,
-                                   const OptTensor& b1, const OptTensor& b2,
-                                   c10::string_view reduction) {
+                                   const at::Tensor& w1, const at::Tensor& w2, const OptTensor& b1,
+                                   const OptTensor& b2, c10::string_view reduction) {
   TWOLAYER_OP(fwd, two_layer_l2_loss_fwd);
   return std::get<0>(fwd.call(x, target, w1, w2, b1, b2, reduction, {}, {}));
 }
@@ -330,10 +329,11 @@ at::Tensor sgd_step_inplace(c10::DispatchKeySet keys, const at::Tensor& x, const
   at::Tensor loss;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    loss = step.redispatch(keys & c10::after_ADInplaceOrView_keyset, x, target, w1, w2, b1, b2,
-                           lr, reduction, update);
+    loss = step.redispatch(keys & c10::after_ADInplaceOrView_keyset, x, target, w1, w2, b1, b2, lr,
+                           reduction, update);
   }
-  const std::array<const at::Tensor*, 4> weights{&w1, &w2, b1 ? &*b1 : nullptr, b2 ? &*b2 : nullptr};
+  const std::array<const at::Tensor*, 4> weights{&w1, &w2, b1 ? &*b1 : nullptr,
+                                                 b2 ? &*b2 : nullptr};
   for (size_t i = 0; i < weights.size(); ++i)
     if (weights[i] && update[i]) torch::autograd::increment_version(*weights[i]);
   return loss;
@@ -341,13 +341,11 @@ at::Tensor sgd_step_inplace(c10::DispatchKeySet keys, const at::Tensor& x, const
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(twolayer_ext, ADInplaceOrView, m) {
-  m.impl("sgd_step", &sgd_step_inplace);
-}
+TORCH_LIBRARY_IMPL(twolayer_ext, ADInplaceOrView, m) { m.impl("sgd_step", &sgd_step_inplace); }
 
 TORCH_LIBRARY_IMPL(twolayer_ext, Autograd, m) {
-  for (const char* name : {"two_layer_fwd", "two_layer_bwd", "l2_loss_fwd", "l2_loss_bwd",
-                           "two_layer_l2_loss_fwd"})
+  for (const char* name :
+       {"two_layer_fwd", "two_layer_bwd", "l2_loss_fwd", "l2_loss_bwd", "two_layer_l2_loss_fwd"})
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&kernel_op_autograd>());
   m.impl("sgd_step", torch::CppFunction::makeFromBoxedFunction<&sgd_step_autograd>());
   m.impl("two_layer", &two_layer_autograd);

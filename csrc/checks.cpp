@@ -91,8 +91,9 @@ SymDims sym_two_layer_args(const char* op, const at::Tensor& x, const at::Tensor
   check_like(op, "w1", w1, "x", x);
   check_like(op, "w2", w2, "x", x);
   SymDims d{x.sym_size(0), x.sym_size(1), w1.sym_size(1), w2.sym_size(1)};
-  TORCH_CHECK_VALUE(w1.sym_size(0) == d.D_in, op, ": w1 must have shape [D_in, H] with D_in = ",
-                    d.D_in, " (x.size(1)), got ", shape_str(w1.sym_sizes()));
+  TORCH_CHECK_VALUE(w1.sym_size(0) == d.D_in, op,
+                    ": w1 must have shape [D_in, H] with D_in = ", d.D_in, " (x.size(1)), got ",
+                    shape_str(w1.sym_sizes()));
   TORCH_CHECK_VALUE(w2.sym_size(0) == d.H, op, ": w2 must have shape [H, D_out] with H = ", d.H,
                     " (w1.size(1)), got ", shape_str(w2.sym_sizes()));
   if (b1.has_value()) {
@@ -124,8 +125,10 @@ std::pair<uintptr_t, uintptr_t> byte_span(const at::Tensor& t) {
   uintptr_t lo = reinterpret_cast<uintptr_t>(t.data_ptr()), hi = lo;
   for (int64_t d = 0; d < t.dim(); ++d) {
     const int64_t extent = (t.size(d) - 1) * t.stride(d) * int64_t(t.element_size());
-    if (extent >= 0) hi += uintptr_t(extent);
-    else lo -= uintptr_t(-extent);
+    if (extent >= 0)
+      hi += uintptr_t(extent);
+    else
+      lo -= uintptr_t(-extent);
   }
   return {lo, hi + t.element_size() - 1};
 }
@@ -191,7 +194,8 @@ SymDims sym_two_layer_bwd_args(const at::Tensor& grad_y, const std::optional<at:
                     shape_str(w2.sym_sizes()));
   check_like(op, "w2", w2, "act", act);
   const c10::SymInt D_out = w2.sym_size(1);
-  TORCH_CHECK_VALUE(grad_y.dim() == 2, op, ": grad_y must be 2-D [N, D_out], got ", grad_y.dim(), "-D");
+  TORCH_CHECK_VALUE(grad_y.dim() == 2, op, ": grad_y must be 2-D [N, D_out], got ", grad_y.dim(),
+                    "-D");
   check_like(op, "grad_y", grad_y, "act", act);
   check_shape(op, "grad_y", grad_y, {N, D_out}, "[N, D_out]");
   TORCH_CHECK_VALUE(!need_w1 || x.has_value(), op, ": x [N, D_in] is needed for grad_w1");
@@ -206,8 +210,8 @@ SymDims sym_two_layer_bwd_args(const at::Tensor& grad_y, const std::optional<at:
   }
   if (w1) {
     check_like(op, "w1", *w1, "act", act);
-    TORCH_CHECK_VALUE(w1->dim() == 2 && w1->sym_size(1) == H && (!x || w1->sym_size(0) == D_in),
-                      op, ": w1 must have shape [D_in, H] with H = ", H,
+    TORCH_CHECK_VALUE(w1->dim() == 2 && w1->sym_size(1) == H && (!x || w1->sym_size(0) == D_in), op,
+                      ": w1 must have shape [D_in, H] with H = ", H,
                       x ? " and D_in = x.size(1)" : "", ", got ", shape_str(w1->sym_sizes()));
     D_in = w1->sym_size(0);
   }
@@ -234,7 +238,8 @@ void sym_sgd_step_args(const at::Tensor& x, const at::Tensor& target, const at::
                        const std::optional<at::Tensor>& b2, double lr) {
   constexpr const char* op = "sgd_step";
   sym_two_layer_l2_loss_args(x, target, w1, w2, b1, b2, op);
-  TORCH_CHECK_VALUE(std::isfinite(lr) && lr >= 0, op, ": lr must be a finite number >= 0, got ", lr);
+  TORCH_CHECK_VALUE(std::isfinite(lr) && lr >= 0, op, ": lr must be a finite number >= 0, got ",
+                    lr);
   // The update computes lr * grad in the weights' dtype: an lr that dtype cannot hold is
   // refused before anything is written, as torch.optim refuses it.
   const double lr_max = max_finite(w1.scalar_type());
@@ -244,16 +249,17 @@ void sym_sgd_step_args(const at::Tensor& x, const at::Tensor& target, const at::
       {"w1", &w1}, {"w2", &w2}, {"b1", b1 ? &*b1 : nullptr}, {"b2", b2 ? &*b2 : nullptr}};
   for (const auto& [name, w] : weights)
     TORCH_CHECK(w == nullptr || !w->is_inference() || c10::InferenceMode::is_enabled(), op, ": ",
-                name, " is an inference tensor (made under torch.inference_mode()); an in-place "
+                name,
+                " is an inference tensor (made under torch.inference_mode()); an in-place "
                 "update to it outside InferenceMode is not allowed (as torch refuses it): update "
                 "it inside torch.inference_mode(), or clone it outside first");
   if (!has_memory(w1)) return;
   const at::Tensor* pb1 = b1 ? &*b1 : nullptr;
   const at::Tensor* pb2 = b2 ? &*b2 : nullptr;
-  check_writable_and_disjoint(op, "w1", w1, {{"x", &x}, {"target", &target}, {"w2", &w2},
-                                             {"b1", pb1}, {"b2", pb2}});
-  check_writable_and_disjoint(op, "w2", w2, {{"x", &x}, {"target", &target}, {"b1", pb1},
-                                             {"b2", pb2}});
+  check_writable_and_disjoint(
+      op, "w1", w1, {{"x", &x}, {"target", &target}, {"w2", &w2}, {"b1", pb1}, {"b2", pb2}});
+  check_writable_and_disjoint(op, "w2", w2,
+                              {{"x", &x}, {"target", &target}, {"b1", pb1}, {"b2", pb2}});
   if (b1) check_writable_and_disjoint(op, "b1", *b1, {{"x", &x}, {"target", &target}, {"b2", pb2}});
   if (b2) check_writable_and_disjoint(op, "b2", *b2, {{"x", &x}, {"target", &target}});
 }

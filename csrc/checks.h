@@ -31,7 +31,8 @@ Dims check_two_layer_args(const char* op, const at::Tensor& x, const at::Tensor&
 Dims check_two_layer_l2_loss_args(const at::Tensor& x, const at::Tensor& target,
                                   const at::Tensor& w1, const at::Tensor& w2,
                                   const std::optional<at::Tensor>& b1,
-                                  const std::optional<at::Tensor>& b2, const char* op = "two_layer_l2_loss");
+                                  const std::optional<at::Tensor>& b2,
+                                  const char* op = "two_layer_l2_loss");
 
 // two_layer's backward: grad_y [N, D_out], w2 [H, D_out], act [N, H]; x [N, D_in] and
 // w1 [D_in, H] must be given where grad_w1 / grad_x are asked for, and are checked
@@ -63,8 +64,9 @@ void check_shape(const char* op, const char* name, const at::Tensor& t, c10::Sym
 void check_float(const char* op, const char* name, const at::Tensor& t);
 
 // Tensors written in place must not overlap themselves or any other argument.
-void check_writable_and_disjoint(const char* op, const char* name, const at::Tensor& t,
-                                 std::initializer_list<std::pair<const char*, const at::Tensor*>> others);
+void check_writable_and_disjoint(
+    const char* op, const char* name, const at::Tensor& t,
+    std::initializer_list<std::pair<const char*, const at::Tensor*>> others);
 
 // One check per kernel op, taking the op's own arguments (op_table.h): what its kernels check
 // on every device, and what its fake kernel runs (as the op `<name>_check`) under torch.compile.

@@ -43,8 +43,9 @@ inline double loss_value(double v, c10::ScalarType dtype) {
   // Doubles at or beyond float's max + half an ulp round to inf in IEEE conversion; the
   // C++ cast is undefined there, so saturate first.
   constexpr double kFloatOverflow = 0x1.ffffffp127;
-  const float f = std::abs(v) >= kFloatOverflow ? std::copysign(std::numeric_limits<float>::infinity(), v)
-                                                : float(v);
+  const float f = std::abs(v) >= kFloatOverflow
+                      ? std::copysign(std::numeric_limits<float>::infinity(), v)
+                      : float(v);
   switch (dtype) {
     case c10::ScalarType::Half: return double(float(c10::Half(f)));
     case c10::ScalarType::BFloat16: return double(float(c10::BFloat16(f)));

@@ -36,7 +36,7 @@ TORCH_LIBRARY(twolayer_ext, m) {
   // Each kernel op's argument check alone (checks.h): the fake kernels call these, so a bad
   // call under torch.compile or on meta tensors fails with the real kernels' words.
 #define TWOLAYER_DEF_CHECK(name, pub, args, rets, ret, params) \
-  m.def(check_schema(#name, args).c_str(),                              \
+  m.def(check_schema(#name, args).c_str(),                     \
         torch::dispatch(c10::DispatchKey::CompositeImplicitAutograd, &twolayer::check::name));
   TWOLAYER_KERNEL_OPS(TWOLAYER_DEF_CHECK)
 #undef TWOLAYER_DEF_CHECK
@@ -44,43 +44,47 @@ TORCH_LIBRARY(twolayer_ext, m) {
   // The CPU kernel variants (cpu/variants.h): the choice (process-wide or this thread's), and the table.
   m.def("set_cpu_kernel(str name, bool this_thread=False) -> str",
         [](c10::string_view name, bool this_thread) {
-    return twolayer::cpu::set_kernel_variant(name, this_thread);
-  });
+          return twolayer::cpu::set_kernel_variant(name, this_thread);
+        });
   m.def("cpu_kernel_info(int[]? dims=None, ScalarType dtype=float) -> str",
         [](at::OptionalIntArrayRef dims, c10::ScalarType dtype) {
-    std::optional<twolayer::Dims> d;
-    if (dims) {
-      TORCH_CHECK_VALUE(dims->size() == 4, "cpu_kernel_info: shape must be (N, D_in, H, D_out), got ",
-                        dims->size(), " numbers");
-      d = twolayer::Dims{(*dims)[0], (*dims)[1], (*dims)[2], (*dims)[3]};
-    }
-    return twolayer::cpu::kernel_info(d, dtype);
-  });
+          std::optional<twolayer::Dims> d;
+          if (dims) {
+            TORCH_CHECK_VALUE(dims->size() == 4,
+                              "cpu_kernel_info: shape must be (N, D_in, H, D_out), got ",
+                              dims->size(), " numbers");
+            d = twolayer::Dims{(*dims)[0], (*dims)[1], (*dims)[2], (*dims)[3]};
+          }
+          return twolayer::cpu::kernel_info(d, dtype);
+        });
   // Measures auto's choice for this problem now and remembers it (cpu/tuner.h); JSON.
   m.def("cpu_kernel_tune(int[] dims, ScalarType dtype=float, bool full=False) -> str",
         [](at::IntArrayRef dims, c10::ScalarType dtype, bool full) {
-    TORCH_CHECK_VALUE(dims.size() == 4, "tune: shape must be (N, D_in, H, D_out), got ", dims.size(),
-                      " numbers");
-    TORCH_CHECK_TYPE(dtype == c10::ScalarType::Float || dtype == c10::ScalarType::Double,
-                     "tune: dtype must be float32 or float64 (float16/bfloat16 have one path), got ",
-                     dtype);
-    for (int64_t v : dims) TORCH_CHECK_VALUE(v > 0, "tune: every size must be positive, got ", dims);
-    return twolayer::cpu::tuner::tune({dims[0], dims[1], dims[2], dims[3]}, dtype, full);
-  });
+          TORCH_CHECK_VALUE(dims.size() == 4, "tune: shape must be (N, D_in, H, D_out), got ",
+                            dims.size(), " numbers");
+          TORCH_CHECK_TYPE(
+              dtype == c10::ScalarType::Float || dtype == c10::ScalarType::Double,
+              "tune: dtype must be float32 or float64 (float16/bfloat16 have one path), got ",
+              dtype);
+          for (int64_t v : dims)
+            TORCH_CHECK_VALUE(v > 0, "tune: every size must be positive, got ", dims);
+          return twolayer::cpu::tuner::tune({dims[0], dims[1], dims[2], dims[3]}, dtype, full);
+        });
   m.def("cpu_kernels() -> str[]", [] { return twolayer::cpu::kernel_names(); });
-  m.def("cpu_kernel_missing(str name) -> str", [](c10::string_view name) {
-    return twolayer::cpu::kernel_missing(name);
-  });
+  m.def("cpu_kernel_missing(str name) -> str",
+        [](c10::string_view name) { return twolayer::cpu::kernel_missing(name); });
 }
 
 #define TWOLAYER_IMPL(name, pub, args, rets, ret, params) m.impl(#name, &DEVICE::name);
 #define DEVICE twolayer::cpu
-TORCH_LIBRARY_IMPL(twolayer_ext, CPU, m) { TWOLAYER_KERNEL_OPS(TWOLAYER_IMPL) }
+TORCH_LIBRARY_IMPL(twolayer_ext, CPU, m){TWOLAYER_KERNEL_OPS(TWOLAYER_IMPL)}
 #undef DEVICE
 
 #ifdef TWOLAYER_WITH_CUDA
 #define DEVICE twolayer::cuda
-TORCH_LIBRARY_IMPL(twolayer_ext, CUDA, m) { TWOLAYER_KERNEL_OPS(TWOLAYER_IMPL) }
+TORCH_LIBRARY_IMPL(twolayer_ext, CUDA, m) {
+  TWOLAYER_KERNEL_OPS(TWOLAYER_IMPL)
+}
 #undef DEVICE
 #endif
 #undef TWOLAYER_IMPL

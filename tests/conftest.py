@@ -13,6 +13,7 @@ def _inductor_cache_dir():
     import hashlib
     import pathlib
     import tempfile
+
     pkg = pathlib.Path(__file__).resolve().parent.parent / "twolayer_ext"
     digest = hashlib.sha256()
     for f in sorted(pkg.glob("*.py")) + sorted(pkg.glob("_C*.so")):
@@ -96,16 +97,22 @@ def loss_through(path, t, reduction):
     """The loss of problem tensors t {x, y, w1, w2, b1, b2} through the fused loss ("fused") or
     two_layer + l2_loss (anything else); returns (loss, y or None)."""
     if path == "fused":
-        return twolayer_ext.two_layer_l2_loss(t["x"], t["y"], t["w1"], t["w2"], t["b1"], t["b2"],
-                                              reduction=reduction), None
+        return twolayer_ext.two_layer_l2_loss(
+            t["x"], t["y"], t["w1"], t["w2"], t["b1"], t["b2"], reduction=reduction
+        ), None
     y = twolayer_ext.two_layer(t["x"], t["w1"], t["w2"], t["b1"], t["b2"])
     return twolayer_ext.l2_loss(y, t["y"], reduction), y
 
 
 def to_torch(params, device, dtype=torch.float64, requires_grad=False):
-    return {k: (None if v is None else
-                torch.tensor(v, dtype=dtype, device=device).requires_grad_(requires_grad))
-            for k, v in params.items()}
+    return {
+        k: (
+            None
+            if v is None
+            else torch.tensor(v, dtype=dtype, device=device).requires_grad_(requires_grad)
+        )
+        for k, v in params.items()
+    }
 
 
 def assert_close_np(actual, expected, rtol, atol=0.0, what=""):
@@ -115,13 +122,16 @@ def assert_close_np(actual, expected, rtol, atol=0.0, what=""):
 
 # ---- TWOLAYER_REQUIRE_CUDA=1 (tools/gpu_check.sh sets it): no CUDA is a failed session --------
 
+
 def cuda_unusable_reason():
     """None when the CUDA cases can run here; else why not, in one line."""
     if HAS_CUDA:
         return None
     if not torch.cuda.is_available():
-        return (f"torch.cuda.is_available() is False (torch {torch.__version__}, "
-                f"CUDA {torch.version.cuda or 'none: a CPU-only build'})")
+        return (
+            f"torch.cuda.is_available() is False (torch {torch.__version__}, "
+            f"CUDA {torch.version.cuda or 'none: a CPU-only build'})"
+        )
     return f"the extension has no CUDA kernels: {twolayer_ext.BUILD_INFO}"
 
 
@@ -134,6 +144,7 @@ def pytest_sessionstart(session):
 
 # ---- the summary: cases not generated, then skips as one line per reason ------------------
 
+
 def pytest_terminal_summary(terminalreporter):
     # What was not generated, and why: the cases a GPU or another CPU would add.
     if not COLLECT_CUDA:
@@ -141,7 +152,8 @@ def pytest_terminal_summary(terminalreporter):
     for v in twolayer_ext.CPU_VARIANTS:
         if v not in RUNNABLE_VARIANTS:
             terminalreporter.write_line(
-                f"NOT GENERATED: the {v} cases: {twolayer_ext.cpu_kernel_missing(v)}")
+                f"NOT GENERATED: the {v} cases: {twolayer_ext.cpu_kernel_missing(v)}"
+            )
     reasons = collections.Counter()
     for report in terminalreporter.stats.get("skipped", []):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
@@ -170,16 +182,22 @@ def matmul_precision(tf32, reduced=False):
     reduced-precision split-K) unless `reduced`, so the only roundings are those of the dtype.
     Only torch's CUDA matmul flags: a no-op for the CPU kernels."""
     m = torch.backends.cuda.matmul
-    saved = (m.allow_tf32, m.allow_fp16_reduced_precision_reduction,
-             m.allow_bf16_reduced_precision_reduction)
+    saved = (
+        m.allow_tf32,
+        m.allow_fp16_reduced_precision_reduction,
+        m.allow_bf16_reduced_precision_reduction,
+    )
     m.allow_tf32 = tf32
     m.allow_fp16_reduced_precision_reduction = reduced
     m.allow_bf16_reduced_precision_reduction = reduced
     try:
         yield
     finally:
-        (m.allow_tf32, m.allow_fp16_reduced_precision_reduction,
-         m.allow_bf16_reduced_precision_reduction) = saved
+        (
+            m.allow_tf32,
+            m.allow_fp16_reduced_precision_reduction,
+            m.allow_bf16_reduced_precision_reduction,
+        ) = saved
 
 
 def cpu_reference():
@@ -190,8 +208,13 @@ def cpu_reference():
 # Output masks of two_layer_l2_loss_fwd, in its argument order (x, target, w1, w2, b1, b2), and
 # update masks of sgd_step (w1, w2, b1, b2).
 LOSS_ORDER = ("x", "target", "w1", "w2", "b1", "b2")
-OUTPUT_MASKS = [[True] * 6, [False] * 6, [False, True, False, False, False, False],
-                [True, False, False, True, False, True], [False, False, True, False, True, False]]
+OUTPUT_MASKS = [
+    [True] * 6,
+    [False] * 6,
+    [False, True, False, False, False, False],
+    [True, False, False, True, False, True],
+    [False, False, True, False, True, False],
+]
 UPDATE_MASKS = [[True] * 4, [False, True, False, True], [True, False, True, False], [False] * 4]
 
 
@@ -204,8 +227,11 @@ def cpu_and_device_args(device, shape=(9, 7, 5, 3), bias=True, seed=0, lead=None
     target, w1, w2, b1, b2 (x and target reshaped to lead + [D] when `lead` is given). On the
     CPU the two dicts hold separate copies."""
     x, y, params = problem(*shape, bias=bias, seed=seed)
-    cpu = dict(x=torch.tensor(x), target=torch.tensor(y),
-               **{k: None if v is None else torch.tensor(v) for k, v in params.items()})
+    cpu = dict(
+        x=torch.tensor(x),
+        target=torch.tensor(y),
+        **{k: None if v is None else torch.tensor(v) for k, v in params.items()},
+    )
     if lead is not None:
         cpu["x"] = cpu["x"].reshape(*lead, shape[1])
         cpu["target"] = cpu["target"].reshape(*lead, shape[3])

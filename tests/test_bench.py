@@ -1,5 +1,6 @@
 """The backend registry trains what the oracle trains, and the benchmark harness runs end to end
 on a tiny size: what it measured, its JSON after every size, its busy-loop helpers, its plot."""
+
 import importlib.util
 import io
 import json
@@ -19,12 +20,23 @@ from twolayer_ext.tools import recipes as B
 from twolayer_ext.tools import bench
 from twolayer_ext import reference as R
 
-FAST = ["--size", "5,7,6,3", "--rounds", "2", "--min-time", "0.001", "--warmup", "0",
-        "--threads", "1"]
+FAST = [
+    "--size",
+    "5,7,6,3",
+    "--rounds",
+    "2",
+    "--min-time",
+    "0.001",
+    "--warmup",
+    "0",
+    "--threads",
+    "1",
+]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 # ---- the registry -------------------------------------------------------------------------------
+
 
 def tiny_problem(lr=1e-3, reduction="sum"):
     x, y, params = R.tutorial_data(6, 5, 4, 3, seed=1, bias=True)
@@ -33,8 +45,9 @@ def tiny_problem(lr=1e-3, reduction="sum"):
 
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 # (compile: a cold compile per case; the CLI's --backend all test runs it against the oracle)
-@pytest.mark.parametrize("name", [n for n in B.names(optimizers=("sgd",), training_only=True)
-                                  if n != "compile"])
+@pytest.mark.parametrize(
+    "name", [n for n in B.names(optimizers=("sgd",), training_only=True) if n != "compile"]
+)
 def test_every_sgd_backend_trains_like_the_numpy_oracle(name, reduction):
     problem = tiny_problem(reduction=reduction)
     oracle = {k: v.copy() for k, v in problem.params.items()}
@@ -71,10 +84,17 @@ def test_names_come_from_the_registry_and_the_cpu_kernels():
     assert B.label("fused_loss+adam") == "fused loss+adam"
 
 
-@pytest.mark.parametrize("name, says", [
-    ("jax", "backend must be one of"), ("module+rmsprop", "optimizer of module"),
-    ("sgd_step+adam", "optimizer of sgd_step"), ("module[tuned]", "takes no [CPU_KERNEL]"),
-    ("sgd_step[nope]", "CPU kernel must be one of"), (3, "backend must be one of")])
+@pytest.mark.parametrize(
+    "name, says",
+    [
+        ("jax", "backend must be one of"),
+        ("module+rmsprop", "optimizer of module"),
+        ("sgd_step+adam", "optimizer of sgd_step"),
+        ("module[tuned]", "takes no [CPU_KERNEL]"),
+        ("sgd_step[nope]", "CPU kernel must be one of"),
+        (3, "backend must be one of"),
+    ],
+)
 def test_bad_backend_names_say_what_was_expected(name, says):
     with pytest.raises(ValueError, match=re.escape(says)) as e:
         B.parse(name)
@@ -83,14 +103,26 @@ def test_bad_backend_names_say_what_was_expected(name, says):
 
 # ---- the harness --------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_tiny_run_writes_table_and_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    backends = ["numpy", "module", "module+adam", "ext_autograd", "fused_loss",
-                "fused_loss+adam", "sgd_step", "gemm_floor"]
+    backends = [
+        "numpy",
+        "module",
+        "module+adam",
+        "ext_autograd",
+        "fused_loss",
+        "fused_loss+adam",
+        "sgd_step",
+        "gemm_floor",
+    ]
     backends += [f"sgd_step[{k}]" for k in twolayer_ext.CPU_KERNELS]
-    bench.main(FAST + sum((["--backend", b] for b in backends), []) +
-               ["--dtype", "float64", "--json", str(out)])
+    bench.main(
+        FAST
+        + sum((["--backend", b] for b in backends), [])
+        + ["--dtype", "float64", "--json", str(out)]
+    )
     table = capsys.readouterr().out
     report = json.loads(out.read_text())
     assert report["threads"] == 1 and report["busy"] == 0
@@ -103,7 +135,8 @@ def test_tiny_run_writes_table_and_json(tmp_path, capsys):
     for base in ("module", "module+adam"):  # each optimizer against its own module row
         assert got[base]["speedup_vs_module"] == pytest.approx(1.0)
     assert got["fused_loss+adam"]["speedup_vs_module"] == pytest.approx(
-        got["module+adam"]["median_us"] / got["fused_loss+adam"]["median_us"])
+        got["module+adam"]["median_us"] / got["fused_loss+adam"]["median_us"]
+    )
     flops, nbytes = bench.step_flops(5, 7, 6, 3), bench.step_bytes(5, 7, 6, 3, 8)
     assert nbytes == 8 * (5 * 7 + 5 * 3 + 2 * (7 * 6 + 6 * 3))
     assert got["sgd_step"]["mflop_per_step"] == pytest.approx(flops / 1e6)
@@ -122,20 +155,37 @@ def test_json_is_written_after_each_size(tmp_path, monkeypatch):
         if len(calls) == 2:
             raise KeyboardInterrupt
         return measure(size_name, *a, **k)
+
     monkeypatch.setattr(bench, "measure", measure_then_stop)
     with pytest.raises(KeyboardInterrupt):
-        bench.main(FAST + ["--size", "4,3,2,1", "--backend", "module", "--backend", "sgd_step",
-                           "--json", str(out)])
+        bench.main(
+            FAST
+            + [
+                "--size",
+                "4,3,2,1",
+                "--backend",
+                "module",
+                "--backend",
+                "sgd_step",
+                "--json",
+                str(out),
+            ]
+        )
     report = json.loads(out.read_text())
     assert {(r["size"], r["backend"]) for r in report["results"]} == {
-        ("5,7,6,3", "module"), ("5,7,6,3", "sgd_step")}
+        ("5,7,6,3", "module"),
+        ("5,7,6,3", "sgd_step"),
+    }
     assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]
 
 
 @pytest.mark.slow
 def test_non_finite_backend_is_reported_not_timed(monkeypatch, capsys):
-    diverges = B.Recipe("diverges", "diverges", lambda p, opt: B.Runner(
-        lambda: torch.tensor(float("inf")), lambda: {}))
+    diverges = B.Recipe(
+        "diverges",
+        "diverges",
+        lambda p, opt: B.Runner(lambda: torch.tensor(float("inf")), lambda: {}),
+    )
     monkeypatch.setitem(B.RECIPES, "diverges", diverges)
     bench.main(FAST + ["--backend", "module", "--backend", "diverges"])
     line = next(l for l in capsys.readouterr().out.splitlines() if "diverges" in l)
@@ -151,6 +201,7 @@ def test_plot_is_a_roofline_png(tmp_path):
 
 
 # ---- busy-loop helpers --------------------------------------------------------------------------
+
 
 def _gone(pid):
     """The process has exited (a zombie whose parent has not reaped it yet counts)."""
@@ -193,9 +244,11 @@ def test_busy_helpers_spin_while_timing_and_stop_after(tmp_path):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_busy_helpers_end_when_the_benchmark_is_killed():
     """A benchmark killed by a timeout (SIGKILL: no cleanup runs) leaves no spinning orphan."""
-    code = ("import sys, time\nfrom twolayer_ext.tools import bench\n"
-            "with bench.busy_loops(1) as procs:\n"
-            "    print(procs[0].pid, flush=True)\n    time.sleep(60)\n")
+    code = (
+        "import sys, time\nfrom twolayer_ext.tools import bench\n"
+        "with bench.busy_loops(1) as procs:\n"
+        "    print(procs[0].pid, flush=True)\n    time.sleep(60)\n"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         helper = int(proc.stdout.readline())
@@ -209,10 +262,19 @@ def test_busy_helpers_end_when_the_benchmark_is_killed():
     assert _gone(helper)
 
 
-@pytest.mark.parametrize("args", [["--size", "0,1,1,1"], ["--size", "big"], ["--threads", "0"],
-                                  ["--dtype", "int8"], ["--busy", "-1"],
-                                  ["--backend", "jax"], ["--backend", "module+rmsprop"],
-                                  ["--backend", "sgd_step[nope]"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--size", "0,1,1,1"],
+        ["--size", "big"],
+        ["--threads", "0"],
+        ["--dtype", "int8"],
+        ["--busy", "-1"],
+        ["--backend", "jax"],
+        ["--backend", "module+rmsprop"],
+        ["--backend", "sgd_step[nope]"],
+    ],
+)
 def test_bad_arguments_exit_2(args, capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(args)
@@ -222,14 +284,42 @@ def test_bad_arguments_exit_2(args, capsys):
 
 def test_routes_reports_each_route_and_optimizer(capsys):
     from twolayer_ext.tools import routes
-    assert routes.main(["--size", "9,7,6,3", "--size", "mlp", "--rounds", "1", "--block", "0.0005",
-                        "--threads", "1", "--dtype", "float64"]) == 0
+
+    assert (
+        routes.main(
+            [
+                "--size",
+                "9,7,6,3",
+                "--size",
+                "mlp",
+                "--rounds",
+                "1",
+                "--block",
+                "0.0005",
+                "--threads",
+                "1",
+                "--dtype",
+                "float64",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out.splitlines()
     header = out[1]
-    for col in ("sgd_step", "fused f+b", "seq f+b", "floor", "SGD foreach", "Adam fused",
-                "f+b/sgd", "vs seq+SGD"):
+    for col in (
+        "sgd_step",
+        "fused f+b",
+        "seq f+b",
+        "floor",
+        "SGD foreach",
+        "Adam fused",
+        "f+b/sgd",
+        "vs seq+SGD",
+    ):
         assert col in header
-    rows = [line for line in out[2:] if line.split()[:2] in (["9,7,6,3", "float64"], ["mlp", "float64"])]
+    rows = [
+        line for line in out[2:] if line.split()[:2] in (["9,7,6,3", "float64"], ["mlp", "float64"])
+    ]
     assert len(rows) == 2 and all(line.rstrip().endswith("x") for line in rows)
     assert any("AdamW + clip, whole step" in line for line in out)
 
@@ -237,17 +327,33 @@ def test_routes_reports_each_route_and_optimizer(capsys):
 @pytest.mark.slow
 def test_bench_table_names_the_variant_each_cell_ran(tmp_path):
     out = tmp_path / "b.json"
-    bench.main([*FAST, "--backend", "module", "--backend", "sgd_step", "--backend",
-                "sgd_step[reference]", "--json", str(out)])
+    bench.main(
+        [
+            *FAST,
+            "--backend",
+            "module",
+            "--backend",
+            "sgd_step",
+            "--backend",
+            "sgd_step[reference]",
+            "--json",
+            str(out),
+        ]
+    )
     rows = {r["backend"]: r for r in json.loads(out.read_text())["results"]}
-    assert rows["module"]["variant"] == "-" and rows["sgd_step[reference]"]["variant"] == "reference"
+    assert (
+        rows["module"]["variant"] == "-" and rows["sgd_step[reference]"]["variant"] == "reference"
+    )
     assert rows["sgd_step"]["variant"] in twolayer_ext.CPU_VARIANTS
 
 
 def test_plot_without_matplotlib_fails_before_running(monkeypatch, capsys):
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "matplotlib" else find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "matplotlib" else find_spec(name, *a),
+    )
     monkeypatch.setattr(bench, "memory_bandwidth", lambda *a: pytest.fail("the run started"))
     with pytest.raises(SystemExit) as e:
         bench.main(FAST + ["--backend", "module", "--plot", "never.png"])
@@ -258,16 +364,35 @@ def test_plot_without_matplotlib_fails_before_running(monkeypatch, capsys):
 def test_table_columns_fit_long_names(capsys):
     """Every column is as wide as its widest cell: long names and sizes keep the table aligned."""
     long_name, long_size = "fused_loss+adam[" + "x" * 30 + "]", "1048576,4096,4096,1024"
-    ok = dict(status="ok", median_us=1234567.0, iqr_us=5.0, gflops=1.5, pct_ceiling=3.0,
-              speedup_vs_module=2.0)
-    report = {"machine": {"cpu": "cpu", "torch": "t", "numpy": "n"}, "threads": 1, "busy": 0,
-              "kernel": "auto", "ceiling_gflops": {"float32": 1.0}, "bandwidth_gbs": 1.0,
-              "results": [
-                  dict(size="seed", dtype="float32", backend="module", variant="-", **ok),
-                  dict(size=long_size, dtype="bfloat16", backend=long_name,
-                       variant="tuned-portable", **ok),
-                  dict(size="seed", dtype="float32", backend="diverges", variant="-",
-                       status="non-finite loss")]}
+    ok = dict(
+        status="ok",
+        median_us=1234567.0,
+        iqr_us=5.0,
+        gflops=1.5,
+        pct_ceiling=3.0,
+        speedup_vs_module=2.0,
+    )
+    report = {
+        "machine": {"cpu": "cpu", "torch": "t", "numpy": "n"},
+        "threads": 1,
+        "busy": 0,
+        "kernel": "auto",
+        "ceiling_gflops": {"float32": 1.0},
+        "bandwidth_gbs": 1.0,
+        "results": [
+            dict(size="seed", dtype="float32", backend="module", variant="-", **ok),
+            dict(
+                size=long_size, dtype="bfloat16", backend=long_name, variant="tuned-portable", **ok
+            ),
+            dict(
+                size="seed",
+                dtype="float32",
+                backend="diverges",
+                variant="-",
+                status="non-finite loss",
+            ),
+        ],
+    }
     bench.print_table(report)
     lines = capsys.readouterr().out.splitlines()[2:]
     header, rows = lines[0], lines[1:]
@@ -278,8 +403,17 @@ def test_table_columns_fit_long_names(capsys):
         if "non-finite" not in row:
             for c, col in zip((4, 8), ("median us", "x module")):  # flush right
                 assert cells[c][1] == header.index(col) + len(col), (col, lines)
-    assert rows[1].split() == [long_size, "bfloat16", long_name, "tuned-portable", "1,234,567",
-                               "5", "1.5", "3%", "2.00"]
+    assert rows[1].split() == [
+        long_size,
+        "bfloat16",
+        long_name,
+        "tuned-portable",
+        "1,234,567",
+        "5",
+        "1.5",
+        "3%",
+        "2.00",
+    ]
     assert rows[2].split()[-2:] == ["non-finite", "loss"]
 
 
@@ -293,7 +427,9 @@ def test_progress_shows_without_a_terminal(capsys):
     for name in ("module", "sgd_step"):
         assert f"bench: 5,7,6,3 float32 {name}: warm-up" in err
     assert [line for line in err if " round " in line] == [
-        "bench: 5,7,6,3 float32 round 1/2", "bench: 5,7,6,3 float32 round 2/2"]
+        "bench: 5,7,6,3 float32 round 1/2",
+        "bench: 5,7,6,3 float32 round 2/2",
+    ]
     assert "module" in captured.out
 
 
@@ -301,10 +437,10 @@ def test_progress_on_a_terminal_rewrites_one_line():
     class Terminal(io.StringIO):
         def isatty(self):
             return True
+
     term = Terminal()
     progress = bench.Progress(term)
     progress("seed module: warm-up", line=True)
     progress("seed round 1/7 module")
     progress.close()
-    assert term.getvalue() == ("\r\033[Kseed module: warm-up\r\033[Kseed round 1/7 module"
-                               "\r\033[K")
+    assert term.getvalue() == ("\r\033[Kseed module: warm-up\r\033[Kseed round 1/7 module\r\033[K")

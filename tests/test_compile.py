@@ -2,6 +2,7 @@
 with TwoLayerNet, the forward + loss, the fused loss (TwoLayerNet.loss, per CPU kernel variant),
 sgd_step (per CPU kernel variant) and a bfloat16 autocast forward: no graph break, and the same
 numbers as eager. (CUDA graphs and mode="reduce-overhead", CUDA only: tests/test_cuda.py.)"""
+
 import pytest
 import torch
 

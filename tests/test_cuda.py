@@ -11,6 +11,7 @@ batch and leading dimensions (test_shapes.py), the large sum (test_l2_loss.py), 
 output mask (test_gradient_requests.py), frozen weights (test_sgd_step.py), bad reductions and a
 bad CUDA dtype (test_hostile.py), opcheck in every dtype (test_opcheck.py).
 """
+
 import contextlib
 import copy
 
@@ -22,8 +23,7 @@ from torch import nn
 import twolayer_ext as tl
 from twolayer_ext import reference as R
 
-from conftest import (COLLECT_CUDA, HAS_CUDA, NO_CUDA_REASON, loss_through, matmul_precision,
-                      problem)
+from conftest import COLLECT_CUDA, HAS_CUDA, NO_CUDA_REASON, loss_through, matmul_precision, problem
 
 pytestmark = pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
 OPS = torch.ops.twolayer_ext
@@ -39,7 +39,7 @@ OPS = torch.ops.twolayer_ext
 # grad_h), and three such errors of independent signs add in quadrature: sqrt(3) * 4.2u = 7.3u.
 # Bound: 8u = 2^-8 ~ 3.9e-3. An emulation of exactly these roundings in float64 measures at most
 # 0.84u; tensor cores that truncated instead of rounding would double it, still far inside.
-TF32_U = 2.0 ** -11
+TF32_U = 2.0**-11
 TF32_TOL = 8 * TF32_U
 
 # name: (dtype, TF32 on, reduced-precision fp16/bf16 GEMM reductions allowed, bound on
@@ -114,7 +114,8 @@ def kernel_mask(t, config, dtype):
     flips = blocked != (h < 0)
     assert np.all(np.abs(h[flips]) <= 16 * u * size[flips]), (
         f"{int(flips.sum())} ReLU mask flips, some where h is far from 0: "
-        f"max |h| / (|x| @ |w1|) there = {float((np.abs(h) / size)[flips].max()):.3g}")
+        f"max |h| / (|x| @ |w1|) there = {float((np.abs(h) / size)[flips].max()):.3g}"
+    )
     return blocked
 
 
@@ -133,6 +134,7 @@ def oracle(e, reduction, blocked=None):
 
 
 # ---- accuracy against the float64 oracle -----------------------------------------------------
+
 
 @pytest.mark.parametrize("path", ["two_layer+l2_loss", "fused"])
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
@@ -170,8 +172,9 @@ def test_sgd_step_matches_float64_oracle(precision, bias, reduction):
     new = {k: None if v is None else v - lr * g[k] for k, v in old.items()}
 
     with matmul_precision(*config):
-        loss = tl.sgd_step(t["x"], t["y"], t["w1"], t["w2"], t["b1"], t["b2"], lr=lr,
-                           reduction=reduction)
+        loss = tl.sgd_step(
+            t["x"], t["y"], t["w1"], t["w2"], t["b1"], t["b2"], lr=lr, reduction=reduction
+        )
     assert loss.dtype == dtype and not loss.requires_grad
     assert abs(loss.item() - loss_np) / loss_np < tol, "loss"
     eps = torch.finfo(dtype).eps
@@ -191,8 +194,9 @@ def test_float16_mean_reduction_keeps_precision_at_large_n():
     # 2 * d and scale by 1/n in float32 (the GEMMs' alpha, the bias sums and updates).
     _, config, tol, t, e = precision_problem("float16", (1 << 20, 16, 16, 16), bias=True, seed=5)
     h, h_relu, y_np = R.numpy_forward(e["x"], e["w1"], e["w2"], e["b1"], e["b2"])
-    g = R.numpy_backward(e["x"], e["w1"], e["w2"], h, h_relu,
-                         R.numpy_loss_grad(y_np, e["y"], "mean"))
+    g = R.numpy_backward(
+        e["x"], e["w1"], e["w2"], h, h_relu, R.numpy_loss_grad(y_np, e["y"], "mean")
+    )
     leaves = {k: t[k].clone().requires_grad_() for k in R.PARAM_NAMES}
     with matmul_precision(*config):
         tl.two_layer_l2_loss(t["x"], t["y"], *leaves.values(), reduction="mean").backward()
@@ -214,6 +218,7 @@ def test_float16_mean_reduction_keeps_precision_at_large_n():
 
 
 # ---- losses beyond the dtype's range; autocast ------------------------------------------------
+
 
 def overflowing_problem(dtype=torch.float32):
     """A problem whose float32 loss overflows: y = 2e19 against target 0, so d^2 = 4e38 is past
@@ -254,9 +259,15 @@ def test_fused_loss_under_float16_autocast_is_float32_like_linear_and_mse_loss(r
     # rounding of its own.
     g = torch.Generator(device="cuda").manual_seed(0)
     D_in, H, D_out = 64, 32, 8
-    w = {k: (torch.randn(*shape, generator=g, device="cuda") / scale).requires_grad_()
-         for k, shape, scale in (("w1", (D_in, H), D_in ** 0.5), ("w2", (H, D_out), H ** 0.5),
-                                 ("b1", (H,), 1.0), ("b2", (D_out,), 1.0))}
+    w = {
+        k: (torch.randn(*shape, generator=g, device="cuda") / scale).requires_grad_()
+        for k, shape, scale in (
+            ("w1", (D_in, H), D_in**0.5),
+            ("w2", (H, D_out), H**0.5),
+            ("b1", (H,), 1.0),
+            ("b2", (D_out,), 1.0),
+        )
+    }
     seq = nn.Sequential(nn.Linear(D_in, H), nn.ReLU(), nn.Linear(H, D_out)).cuda()
     with torch.no_grad():
         for layer, wk, bk in ((seq[0], "w1", "b1"), (seq[2], "w2", "b2")):
@@ -291,11 +302,13 @@ def test_fused_loss_under_float16_autocast_is_float32_like_linear_and_mse_loss(r
         want = torch.autograd.grad(split_loss(), params)
     for name, got, ref in zip(R.PARAM_NAMES, grads, want):
         assert got.dtype == torch.float32 and got.isfinite().all(), name
-        torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3 * ref.abs().max().item(),
-                                   msg=name)
+        torch.testing.assert_close(
+            got, ref, rtol=1e-3, atol=1e-3 * ref.abs().max().item(), msg=name
+        )
 
 
 # ---- torch.compile(mode="reduce-overhead"), CUDA graphs --------------------------------------------------
+
 
 @contextlib.contextmanager
 def cuda_graphs_required():
@@ -309,7 +322,9 @@ def cuda_graphs_required():
 
     torch._dynamo.reset()  # fresh compiles and CUDA graph trees: nothing cached from another test
     counters.clear()
-    patch = {"triton.cudagraph_or_error": True} if hasattr(config.triton, "cudagraph_or_error") else {}
+    patch = (
+        {"triton.cudagraph_or_error": True} if hasattr(config.triton, "cudagraph_or_error") else {}
+    )
     with config.patch(patch):
         yield
     skips = counters["inductor"]["cudagraph_skips"]
@@ -324,8 +339,9 @@ def test_compiled_reduce_overhead_training_matches_eager(bias):
     eager = tl.TwoLayerNet(64, 32, 8, bias=bias, device="cuda")
     compiled = copy.deepcopy(eager)
     x, y = torch.randn(128, 64, device="cuda"), torch.randn(128, 8, device="cuda")
-    loss_fn = torch.compile(lambda x, y: tl.l2_loss(compiled(x), y, "mean"),
-                            mode="reduce-overhead", fullgraph=True)
+    loss_fn = torch.compile(
+        lambda x, y: tl.l2_loss(compiled(x), y, "mean"), mode="reduce-overhead", fullgraph=True
+    )
     with cuda_graphs_required():
         for _ in range(4):  # the first calls record the CUDA graphs, the later ones replay them
             torch.compiler.cudagraph_mark_step_begin()
@@ -349,8 +365,9 @@ def test_compiled_reduce_overhead_sgd_step_matches_eager():
     net = tl.TwoLayerNet(64, 32, 8, device="cuda")
     ref = copy.deepcopy(net)
     x, y = torch.randn(128, 64, device="cuda"), torch.randn(128, 8, device="cuda")
-    step = torch.compile(lambda: net.sgd_step(x, y, lr=1e-3), mode="reduce-overhead",
-                         fullgraph=True)
+    step = torch.compile(
+        lambda: net.sgd_step(x, y, lr=1e-3), mode="reduce-overhead", fullgraph=True
+    )
     with cuda_graphs_required():
         for _ in range(4):
             torch.compiler.cudagraph_mark_step_begin()
@@ -388,6 +405,7 @@ def test_sgd_step_captured_in_a_cuda_graph(bias):
 
 # ---- devices and streams ---------------------------------------------------------------------
 
+
 def two_layer_args(device, dtype=torch.float32):
     g = torch.Generator().manual_seed(0)
     shapes = dict(x=(6, 4), w1=(4, 5), w2=(5, 3), b1=(5,), b2=(3,), target=(6, 3))
@@ -415,18 +433,24 @@ def test_mixed_devices_are_a_clear_error(call, moved, msg):
     with torch.cuda.device(0):
         a = two_layer_args("cuda:0")
         _, act = OPS.two_layer_fwd(a["x"], a["w1"], a["w2"], None, None)
-        a.update(act=act, grad_y=torch.ones(6, 3, device="cuda:0"),
-                 grad_loss=torch.tensor(1.0, device="cuda:0"))
+        a.update(
+            act=act,
+            grad_y=torch.ones(6, 3, device="cuda:0"),
+            grad_loss=torch.tensor(1.0, device="cuda:0"),
+        )
         a[moved] = a[moved].cpu()
         calls = {
             "two_layer": lambda: tl.two_layer(a["x"], a["w1"], a["w2"], a["b1"], a["b2"]),
             "l2_loss": lambda: tl.l2_loss(a["grad_y"], a["target"]),
             "two_layer_l2_loss": lambda: tl.two_layer_l2_loss(
-                a["x"], a["target"], a["w1"], a["w2"], a["b1"], a["b2"]),
-            "sgd_step": lambda: tl.sgd_step(a["x"], a["target"], a["w1"], a["w2"], a["b1"],
-                                            a["b2"], lr=0.1),
-            "two_layer_bwd": lambda: OPS.two_layer_bwd(a["grad_y"], a["x"], a["w1"], a["w2"],
-                                                       a["act"], [True] * 5),
+                a["x"], a["target"], a["w1"], a["w2"], a["b1"], a["b2"]
+            ),
+            "sgd_step": lambda: tl.sgd_step(
+                a["x"], a["target"], a["w1"], a["w2"], a["b1"], a["b2"], lr=0.1
+            ),
+            "two_layer_bwd": lambda: OPS.two_layer_bwd(
+                a["grad_y"], a["x"], a["w1"], a["w2"], a["act"], [True] * 5
+            ),
             "l2_loss_bwd": lambda: OPS.l2_loss_bwd(a["grad_loss"], a["grad_y"]),
         }
         with pytest.raises(RuntimeError, match=msg):

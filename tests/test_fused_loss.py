@@ -3,6 +3,7 @@
 Its gradients are computed in the forward call, so these tests check the autograd contract
 from the outside: optimizers, accumulation, clipping, frozen parameters, inputs requiring grad,
 no_grad/inference_mode, N-D inputs, against the autograd witness and the numpy oracle."""
+
 import numpy as np
 import pytest
 import torch
@@ -41,43 +42,65 @@ def test_loss_and_gradients_equal_numpy_oracle(bias, reduction, device):
     x, y, params = problem(33, 20, 11, 6, bias=bias)
     ours = to_torch(params, device, requires_grad=True)
     xt, yt = torch.tensor(x, device=device), torch.tensor(y, device=device)
-    loss = tl.two_layer_l2_loss(xt, yt, ours["w1"], ours["w2"], ours["b1"], ours["b2"],
-                                reduction=reduction)
+    loss = tl.two_layer_l2_loss(
+        xt, yt, ours["w1"], ours["w2"], ours["b1"], ours["b2"], reduction=reduction
+    )
     loss.backward()
     np_params = {k: None if v is None else v.copy() for k, v in params.items()}
-    h, h_relu, y_pred = R.numpy_forward(x, np_params["w1"], np_params["w2"], np_params["b1"],
-                                        np_params["b2"])
+    h, h_relu, y_pred = R.numpy_forward(
+        x, np_params["w1"], np_params["w2"], np_params["b1"], np_params["b2"]
+    )
     n = y.size if reduction == "mean" else 1
-    expected = R.numpy_backward(x, np_params["w1"], np_params["w2"], h, h_relu,
-                                2.0 * (y_pred - y) / n)
+    expected = R.numpy_backward(
+        x, np_params["w1"], np_params["w2"], h, h_relu, 2.0 * (y_pred - y) / n
+    )
     assert loss.item() == pytest.approx(np.square(y_pred - y).sum() / n, rel=1e-12)
     for k, w in ours.items():
         if w is not None:
-            np.testing.assert_allclose(w.grad.cpu().numpy(), expected[k], rtol=1e-10, atol=1e-12,
-                                       err_msg=k)
+            np.testing.assert_allclose(
+                w.grad.cpu().numpy(), expected[k], rtol=1e-10, atol=1e-12, err_msg=k
+            )
 
 
-@pytest.mark.parametrize("make_opt", [
-    lambda p: torch.optim.SGD(p, lr=1e-2),
-    lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9, nesterov=True, weight_decay=1e-3),
-    lambda p: torch.optim.Adam(p),
-    lambda p: torch.optim.AdamW(p, lr=1e-2),
-    lambda p: torch.optim.Adagrad(p),
-    lambda p: torch.optim.Adadelta(p),
-    lambda p: torch.optim.Adamax(p),
-    lambda p: torch.optim.ASGD(p),
-    lambda p: torch.optim.NAdam(p),
-    lambda p: torch.optim.RAdam(p),
-    lambda p: torch.optim.RMSprop(p),
-    lambda p: torch.optim.Rprop(p),
-    lambda p: torch.optim.LBFGS(p, max_iter=3),
-], ids=["SGD", "SGD-nesterov", "Adam", "AdamW", "Adagrad", "Adadelta", "Adamax", "ASGD", "NAdam",
-        "RAdam", "RMSprop", "Rprop", "LBFGS"])
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda p: torch.optim.SGD(p, lr=1e-2),
+        lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9, nesterov=True, weight_decay=1e-3),
+        lambda p: torch.optim.Adam(p),
+        lambda p: torch.optim.AdamW(p, lr=1e-2),
+        lambda p: torch.optim.Adagrad(p),
+        lambda p: torch.optim.Adadelta(p),
+        lambda p: torch.optim.Adamax(p),
+        lambda p: torch.optim.ASGD(p),
+        lambda p: torch.optim.NAdam(p),
+        lambda p: torch.optim.RAdam(p),
+        lambda p: torch.optim.RMSprop(p),
+        lambda p: torch.optim.Rprop(p),
+        lambda p: torch.optim.LBFGS(p, max_iter=3),
+    ],
+    ids=[
+        "SGD",
+        "SGD-nesterov",
+        "Adam",
+        "AdamW",
+        "Adagrad",
+        "Adadelta",
+        "Adamax",
+        "ASGD",
+        "NAdam",
+        "RAdam",
+        "RMSprop",
+        "Rprop",
+        "LBFGS",
+    ],
+)
 def test_every_optimizer_trains_like_nn_sequential(make_opt):
     net, seq = pair()
     x, y = torch.randn(16, 12, dtype=torch.float64), torch.randn(16, 4, dtype=torch.float64)
     opt_ours, opt_ref = make_opt(net.parameters()), make_opt(seq.parameters())
     for _ in range(4):
+
         def closure_ours():
             opt_ours.zero_grad()
             loss = net.loss(x, y, "sum")
@@ -89,6 +112,7 @@ def test_every_optimizer_trains_like_nn_sequential(make_opt):
             loss = seq_loss(seq, x, y)
             loss.backward()
             return loss
+
         a, b = opt_ours.step(closure_ours), opt_ref.step(closure_ref)
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     back = tl.TwoLayerNet.from_sequential(seq)

@@ -9,6 +9,7 @@ backends (from twolayer_ext.backends, never `compile` at every size) and command
 summary.json and the output-file budget; without a GPU the real run stops at its preflight. The
 fake kernels word a bad dtype exactly as the real checks do, for CUDA tensors too (fake CUDA
 tensors need no GPU)."""
+
 import json
 import os
 import re
@@ -27,16 +28,34 @@ from conftest import HAS_CUDA
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPU_CHECK = os.path.join(ROOT, "tools", "gpu_check.sh")
-STEPS = ["preflight", "build", "core", "hostile", "rest", "opcheck", "compile", "bench",
-         "bench_compile"]
+STEPS = [
+    "preflight",
+    "build",
+    "core",
+    "hostile",
+    "rest",
+    "opcheck",
+    "compile",
+    "bench",
+    "bench_compile",
+]
 GROUPS = ["core", "hostile", "rest", "opcheck", "compile"]
-CORE_FILES = ["test_oracle_agreement.py", "test_sgd_step.py", "test_shapes.py",
-              "test_special_values.py", "test_strides.py", "test_fused_loss.py"]
+CORE_FILES = [
+    "test_oracle_agreement.py",
+    "test_sgd_step.py",
+    "test_shapes.py",
+    "test_special_values.py",
+    "test_strides.py",
+    "test_fused_loss.py",
+]
 
 
 def clean_env(**extra):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("TWOLAYER_REQUIRE_CUDA", "GPU_CHECK_DRY_RUN")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("TWOLAYER_REQUIRE_CUDA", "GPU_CHECK_DRY_RUN")
+    }
     env.update(extra)
     return env
 
@@ -45,8 +64,14 @@ def pytest_run(*args, require=None, **env_vars):
     env = clean_env(**env_vars)
     if require is not None:
         env["TWOLAYER_REQUIRE_CUDA"] = require
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.mark.slow  # a pytest subprocess
@@ -63,20 +88,31 @@ def test_required_gpu_fails_a_session_that_has_none():
 
 # ---- tools/gpu_check.sh --dry-run ----------------------------------------------------------------
 
+
 class DryRun:
     def __init__(self, out_dir):
-        proc = subprocess.run(["bash", GPU_CHECK, "--dry-run", str(out_dir)], cwd=ROOT,
-                              env=clean_env(PYTHON=sys.executable), capture_output=True,
-                              text=True, timeout=600)
+        proc = subprocess.run(
+            ["bash", GPU_CHECK, "--dry-run", str(out_dir)],
+            cwd=ROOT,
+            env=clean_env(PYTHON=sys.executable),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         self.rc, self.output, self.dir = proc.returncode, proc.stdout + proc.stderr, out_dir
         with open(out_dir / "summary.json") as f:
             self.summary = json.load(f)
         with tarfile.open(out_dir / "logs.tar.gz") as tar:
-            self.logs = {os.path.basename(m.name): tar.extractfile(m).read().decode()
-                         for m in tar.getmembers() if m.isfile()}
+            self.logs = {
+                os.path.basename(m.name): tar.extractfile(m).read().decode()
+                for m in tar.getmembers()
+                if m.isfile()
+            }
         # Each group's selected test ids, from its collection log.
-        self.selected = {g: {line.strip() for line in self.logs[f"collect_{g}.log"].splitlines()
-                             if "::" in line} for g in GROUPS}
+        self.selected = {
+            g: {line.strip() for line in self.logs[f"collect_{g}.log"].splitlines() if "::" in line}
+            for g in GROUPS
+        }
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +139,7 @@ def test_plan_is_printed_first_and_fits_nine_minutes(dry_run):
     assert all(s["steps"][name]["limit"] > 0 for name in STEPS[:-1])  # bench_compile: time left
     lines = dry_run.output.splitlines()
     assert lines[0].startswith("=== gpu_check plan")
-    plan = lines[:lines.index(next(l for l in lines if l.startswith("=== preflight")))]
+    plan = lines[: lines.index(next(l for l in lines if l.startswith("=== preflight")))]
     for name in STEPS:  # each step with its limit, in order
         assert any(l.split()[:1] == [name] for l in plan), (name, plan)
     order = [next(i for i, l in enumerate(plan) if l.split()[:1] == [name]) for name in STEPS]
@@ -118,7 +154,9 @@ def test_core_correctness_files_run_first_and_alone(dry_run):
     assert any(t.startswith("tests/test_cuda.py::test_forward_loss_and_gradients") for t in core)
     assert not any("opcheck" in t or "reduce_overhead" in t for t in core)
     hostile = dry_run.selected["hostile"]
-    assert "tests/test_hostile.py::test_hostile_inputs_raise_clear_errors_and_never_crash" in hostile
+    assert (
+        "tests/test_hostile.py::test_hostile_inputs_raise_clear_errors_and_never_crash" in hostile
+    )
     assert all(t.startswith("tests/test_opcheck.py::") for t in dry_run.selected["opcheck"])
     assert any("reduce_overhead" in t for t in dry_run.selected["compile"])
 
@@ -127,10 +165,15 @@ def test_core_correctness_files_run_first_and_alone(dry_run):
 def test_every_cuda_case_runs_in_exactly_one_group(dry_run):
     # Collected as gpu_check.sh collects them: TWOLAYER_CUDA=1 generates the [cuda] cases with no
     # GPU (tests/conftest.py).
-    proc = pytest_run("--collect-only", "-k", "cuda", "tests",
-                      "--ignore=tests/test_gpu_readiness.py",
-                      *([] if has_hypothesis() else ["--ignore=tests/test_properties.py"]),
-                      TWOLAYER_CUDA="1")
+    proc = pytest_run(
+        "--collect-only",
+        "-k",
+        "cuda",
+        "tests",
+        "--ignore=tests/test_gpu_readiness.py",
+        *([] if has_hypothesis() else ["--ignore=tests/test_properties.py"]),
+        TWOLAYER_CUDA="1",
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-2000:]
     cuda_cases = {line.strip() for line in proc.stdout.splitlines() if "::" in line}
     assert len(cuda_cases) > 100
@@ -174,9 +217,14 @@ def test_output_folder_stays_within_what_a_gpu_machine_hands_back(dry_run):
 @pytest.mark.slow  # gpu_check.sh in a subprocess
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible: the real run would run")
 def test_real_run_without_a_gpu_stops_at_the_preflight(tmp_path):
-    proc = subprocess.run(["bash", GPU_CHECK, str(tmp_path)], cwd=ROOT,
-                          env=clean_env(PYTHON=sys.executable), capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        ["bash", GPU_CHECK, str(tmp_path)],
+        cwd=ROOT,
+        env=clean_env(PYTHON=sys.executable),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-2000:]
     assert out.rstrip().splitlines()[-1].startswith("no usable CUDA device: "), out[-2000:]

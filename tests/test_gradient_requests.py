@@ -6,6 +6,7 @@ to the CPU reference kernel's). Per device and per CPU kernel variant. sgd_step'
 (frozen weights) is tests/test_sgd_step.py. Merged from test_two_layer.py, test_l2_loss.py and
 test_cuda.py (test_fused_loss_kernel_matches_cpu).
 """
+
 import numpy as np
 import pytest
 import torch
@@ -13,8 +14,16 @@ import torch
 import twolayer_ext as tl
 from twolayer_ext import reference as R
 
-from conftest import (LOSS_ORDER, OUTPUT_MASKS, assert_close_np, bits, cpu_and_device_args,
-                      cpu_reference, problem, to_torch)
+from conftest import (
+    LOSS_ORDER,
+    OUTPUT_MASKS,
+    assert_close_np,
+    bits,
+    cpu_and_device_args,
+    cpu_reference,
+    problem,
+    to_torch,
+)
 
 pytestmark = pytest.mark.usefixtures("cpu_kernel")  # every test, every CPU variant
 OPS = torch.ops.twolayer_ext
@@ -41,8 +50,14 @@ def test_backward_op_returns_only_requested(device):
     p = to_torch(params, device)
     xt = torch.tensor(x, device=device)
     _, act = OPS.two_layer_fwd(xt, p["w1"], p["w2"], None, None)
-    out = OPS.two_layer_bwd(torch.ones(6, 3, dtype=torch.float64, device=device), None, None,
-                            p["w2"], act, [False, False, True, False, True])
+    out = OPS.two_layer_bwd(
+        torch.ones(6, 3, dtype=torch.float64, device=device),
+        None,
+        None,
+        p["w2"],
+        act,
+        [False, False, True, False, True],
+    )
     assert out[0] is None and out[1] is None and out[3] is None  # (x, w1, w2, b1, b2)
     assert out[2].shape == (4, 3) and out[4].shape == (3,)
 

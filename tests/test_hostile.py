@@ -11,6 +11,7 @@ The hostile-input table (tests/hostile_cases.py), run in a subprocess: a crash (
 abort, sanitizer report) in one case is reported as that case's failure, and the run goes on
 with the next case in a fresh process. Fails with the list of cases that crashed, raised nothing,
 raised the wrong type or a message not naming the argument."""
+
 import json
 import os
 import subprocess
@@ -36,8 +37,13 @@ def run_table():
     """Runs every case, restarting after each crash. Returns (results by index, crashes, total)."""
     results, crashes, start, total = {}, [], 0, None
     while True:
-        proc = subprocess.run([sys.executable, SCRIPT, "--start", str(start)], cwd=os.path.dirname(HERE),
-                              capture_output=True, text=True, timeout=900)
+        proc = subprocess.run(
+            [sys.executable, SCRIPT, "--start", str(start)],
+            cwd=os.path.dirname(HERE),
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         begun = None
         for line in proc.stdout.splitlines():
             if not line.startswith("{"):
@@ -53,8 +59,10 @@ def run_table():
         if total is not None and proc.returncode == 0:
             return results, crashes, total
         if begun is None:  # died before the first case (import error...) or after the last
-            raise AssertionError(f"hostile_cases.py failed outside any case (rc {proc.returncode}):\n"
-                                 f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+            raise AssertionError(
+                f"hostile_cases.py failed outside any case (rc {proc.returncode}):\n"
+                f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+            )
         crashes.append(dict(begun, rc=proc.returncode, stderr=proc.stderr[-1500:]))
         start = begun["i"] + 1
 
@@ -70,23 +78,27 @@ def test_hostile_inputs_raise_clear_errors_and_never_crash():
             if r["status"] == "pass" and r.get("bug"):
                 fixed.append(f"{r['id']}: passes now; remove its bug= mark ({r['bug']})")
             continue
-        line = (f"{r['id']}: {r['status']}: expected {r['expected']} matching {r['pattern']!r}, "
-                f"got {r.get('exc_type', 'no exception')}: {r.get('msg', '')[:200]!r}")
+        line = (
+            f"{r['id']}: {r['status']}: expected {r['expected']} matching {r['pattern']!r}, "
+            f"got {r.get('exc_type', 'no exception')}: {r.get('msg', '')[:200]!r}"
+        )
         (expected_failures if r.get("bug") else failures).append(line)
     for c in crashes:
         failures.append(f"{c['id']}: CRASHED (rc {c['rc']}): {c['stderr'][-600:]}")
     ran = sum(r["status"] != "skipped" for r in results.values())
-    summary = (f"hostile inputs: {total} cases, {ran} run, {total - ran} skipped (no GPU), "
-               f"{len(crashes)} crashes, {len(failures)} failures, "
-               f"{len(expected_failures)} known bugs (xfail)")
+    summary = (
+        f"hostile inputs: {total} cases, {ran} run, {total - ran} skipped (no GPU), "
+        f"{len(crashes)} crashes, {len(failures)} failures, "
+        f"{len(expected_failures)} known bugs (xfail)"
+    )
     print(summary)
-    assert not crashes and not failures and not fixed, "\n".join(
-        [summary] + failures + fixed)
+    assert not crashes and not failures and not fixed, "\n".join([summary] + failures + fixed)
     if expected_failures:
         pytest.xfail(f"{summary}; known bugs:\n" + "\n".join(expected_failures))
 
 
 # ---- in-process tables ---------------------------------------------------------------------
+
 
 def f64(*shape):
     return torch.randn(shape, dtype=torch.float64)
@@ -105,9 +117,24 @@ BAD_TWO_LAYER = [
     ("b1", f64(1, 5), ValueError, r"b1 must have shape \[H\]"),  # no broadcasting
     ("b2", f64(3), ValueError, r"b2 must have shape \[D_out\]"),
     ("b2", f64(1, 2), ValueError, r"b2 must have shape \[D_out\]"),
-    ("x", torch.ones(4, 3, dtype=torch.int64), TypeError, "x must be float32, float64, float16 or bfloat16 on cpu, got Long"),
-    ("x", torch.ones(4, 3, dtype=torch.bool), TypeError, "x must be float32, float64, float16 or bfloat16 on cpu, got Bool"),
-    ("x", torch.ones(4, 3, dtype=torch.complex64), TypeError, "x must be float32, float64, float16 or bfloat16"),
+    (
+        "x",
+        torch.ones(4, 3, dtype=torch.int64),
+        TypeError,
+        "x must be float32, float64, float16 or bfloat16 on cpu, got Long",
+    ),
+    (
+        "x",
+        torch.ones(4, 3, dtype=torch.bool),
+        TypeError,
+        "x must be float32, float64, float16 or bfloat16 on cpu, got Bool",
+    ),
+    (
+        "x",
+        torch.ones(4, 3, dtype=torch.complex64),
+        TypeError,
+        "x must be float32, float64, float16 or bfloat16",
+    ),
     ("w1", f64(3, 5).float(), TypeError, r"x must have the same dtype as w1 \(Float\), got Double"),
     ("w2", f64(5, 2).float(), TypeError, "w2 must have the same dtype as x"),
     ("b1", f64(5).float(), TypeError, "b1 must have the same dtype as x"),
@@ -120,8 +147,9 @@ BAD_TWO_LAYER = [
 
 
 @KERNELS
-@pytest.mark.parametrize("arg,value,exc,msg", BAD_TWO_LAYER,
-                         ids=[f"{a}-{i}" for i, (a, *_) in enumerate(BAD_TWO_LAYER)])
+@pytest.mark.parametrize(
+    "arg,value,exc,msg", BAD_TWO_LAYER, ids=[f"{a}-{i}" for i, (a, *_) in enumerate(BAD_TWO_LAYER)]
+)
 def test_bad_two_layer_input(arg, value, exc, msg):
     kwargs = dict(GOOD, **{arg: value})
     with pytest.raises(exc, match=msg):
@@ -132,7 +160,11 @@ BAD_LOSS = [
     (dict(target=f64(4, 3)), ValueError, r"target must have the same shape as pred"),
     (dict(target=f64(1, 2)), ValueError, r"target must have the same shape as pred"),
     (dict(target=f64(4, 2).float()), TypeError, "target must have the same dtype as pred"),
-    (dict(pred=torch.ones(4, 2, dtype=torch.int32)), TypeError, "pred must be float32, float64, float16 or bfloat16 on cpu, got Int"),
+    (
+        dict(pred=torch.ones(4, 2, dtype=torch.int32)),
+        TypeError,
+        "pred must be float32, float64, float16 or bfloat16 on cpu, got Int",
+    ),
     (dict(reduction="avg"), ValueError, 'reduction must be "sum" or "mean"'),
     (dict(reduction=None), ValueError, 'reduction must be "sum" or "mean"'),
     (dict(pred=np.zeros((4, 2))), TypeError, "pred must be a torch.Tensor"),
@@ -156,7 +188,11 @@ BAD_SGD_STEP = [
     (dict(lr="0.1"), TypeError, "lr must be a float"),
     (dict(reduction="max"), ValueError, 'reduction must be "sum" or "mean"'),
     (dict(target=torch.zeros(4, 3)), ValueError, r"target must have shape \[N, D_out\]"),
-    (dict(target=torch.zeros(3, 2, dtype=torch.float64)), TypeError, "target must have the same dtype"),
+    (
+        dict(target=torch.zeros(3, 2, dtype=torch.float64)),
+        TypeError,
+        "target must have the same dtype",
+    ),
     (dict(w1=torch.zeros(1, 1).expand(5, 4)), ValueError, "w1 is updated in place"),
 ]
 
@@ -164,8 +200,13 @@ BAD_SGD_STEP = [
 @pytest.mark.parametrize("kwargs,exc,msg", BAD_SGD_STEP)
 @KERNELS
 def test_bad_sgd_step_input(kwargs, exc, msg):
-    args = dict(x=torch.randn(3, 5), target=torch.randn(3, 2), w1=torch.randn(5, 4),
-                w2=torch.randn(4, 2), lr=0.1)
+    args = dict(
+        x=torch.randn(3, 5),
+        target=torch.randn(3, 2),
+        w1=torch.randn(5, 4),
+        w2=torch.randn(4, 2),
+        lr=0.1,
+    )
     args.update(kwargs)
     with pytest.raises(exc, match=msg):
         tl.sgd_step(**args)
@@ -174,7 +215,9 @@ def test_bad_sgd_step_input(kwargs, exc, msg):
 @KERNELS
 def test_aliasing_weights_refused():
     w = torch.randn(4, 4)
-    with pytest.raises(ValueError, match="w1 is updated in place and must not share memory with w2"):
+    with pytest.raises(
+        ValueError, match="w1 is updated in place and must not share memory with w2"
+    ):
         tl.sgd_step(torch.randn(3, 4), torch.randn(3, 4), w, w, lr=0.1)
     x = torch.randn(4, 4)
     with pytest.raises(ValueError, match="must not share memory with x"):
@@ -206,23 +249,32 @@ def test_bad_fused_loss_input_names_the_argument():
 
 def test_mixed_dtypes_are_refused_by_name():
     x = torch.ones(4, 3, dtype=torch.bfloat16)
-    with pytest.raises(TypeError, match=r"two_layer: x must have the same dtype as w1 "
-                                        r"\(Half\), got BFloat16"):
-        tl.two_layer(x, torch.ones(3, 5, dtype=torch.float16), torch.ones(5, 2, dtype=torch.bfloat16))
+    with pytest.raises(
+        TypeError,
+        match=r"two_layer: x must have the same dtype as w1 "
+        r"\(Half\), got BFloat16",
+    ):
+        tl.two_layer(
+            x, torch.ones(3, 5, dtype=torch.float16), torch.ones(5, 2, dtype=torch.bfloat16)
+        )
 
 
 @KERNELS
 def test_bad_reduction_names_the_op(device):
     _, a = cpu_and_device_args(device)
     calls = {
-        "sgd_step": lambda: OPS.sgd_step(a["x"], a["target"], a["w1"], a["w2"], a["b1"],
-                                         a["b2"], 0.1, "avg", [True] * 4),
+        "sgd_step": lambda: OPS.sgd_step(
+            a["x"], a["target"], a["w1"], a["w2"], a["b1"], a["b2"], 0.1, "avg", [True] * 4
+        ),
         "two_layer_l2_loss": lambda: OPS.two_layer_l2_loss_fwd(
-            *(a[k] for k in LOSS_ORDER), "avg", [True] * 6),
+            *(a[k] for k in LOSS_ORDER), "avg", [True] * 6
+        ),
         "l2_loss": lambda: OPS.l2_loss_fwd(a["target"], a["target"], "avg", True),
     }
     for name, call in calls.items():
-        with pytest.raises(ValueError, match=rf'^{name}: reduction must be "sum" or "mean", got "avg"'):
+        with pytest.raises(
+            ValueError, match=rf'^{name}: reduction must be "sum" or "mean", got "avg"'
+        ):
             call()
 
 
@@ -249,9 +301,14 @@ def test_bad_sizes(args):
         tl.TwoLayerNet(*args)
 
 
-@pytest.mark.parametrize("seq", [nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)),
-                                 nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)),
-                                 nn.Linear(3, 4)])
+@pytest.mark.parametrize(
+    "seq",
+    [
+        nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)),
+        nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)),
+        nn.Linear(3, 4),
+    ],
+)
 def test_from_sequential_rejects_other_models(seq):
     with pytest.raises(TypeError, match=r"nn.Sequential\(nn.Linear, nn.ReLU, nn.Linear\)"):
         tl.TwoLayerNet.from_sequential(seq)

@@ -1,5 +1,6 @@
 """Install polish: the loader's rebuild advice fits how the package was installed; the license
 and the type-hint marker ship with it."""
+
 import os
 from pathlib import Path
 
@@ -15,7 +16,8 @@ def test_rebuild_advice_for_an_editable_install():
     pkg = str(ROOT / "twolayer_ext")
     editable = {"url": ROOT.as_uri(), "dir_info": {"editable": True}}
     assert _loader.rebuild_command(pkg, editable).startswith(
-        f"pip install --no-build-isolation -e {ROOT} ")
+        f"pip install --no-build-isolation -e {ROOT} "
+    )
 
 
 def test_rebuild_advice_for_a_source_tree_built_in_place():
@@ -23,14 +25,16 @@ def test_rebuild_advice_for_a_source_tree_built_in_place():
     other = {"url": "file:///elsewhere", "dir_info": {"editable": True}}
     for direct_url in ({}, other):
         assert _loader.rebuild_command(pkg, direct_url).startswith(
-            f"cd {ROOT} && python setup.py build_ext --inplace")
+            f"cd {ROOT} && python setup.py build_ext --inplace"
+        )
 
 
 def test_rebuild_advice_for_a_regular_install(tmp_path):
     pkg = str(tmp_path / "site-packages" / "twolayer_ext")
     from_dir = {"url": "file:///src/twolayer%20ext", "dir_info": {}}
     assert _loader.rebuild_command(pkg, from_dir) == (
-        "pip install --no-build-isolation --no-deps --force-reinstall /src/twolayer ext")
+        "pip install --no-build-isolation --no-deps --force-reinstall /src/twolayer ext"
+    )
     assert "-e " not in _loader.rebuild_command(pkg, {"url": "https://x/y.whl"})
 
 
@@ -46,7 +50,9 @@ def toml_parser():
     try:
         import tomllib
     except ModuleNotFoundError:
-        return pytest.importorskip("tomli", reason="Python 3.10 reads TOML with tomli (pip install tomli)")
+        return pytest.importorskip(
+            "tomli", reason="Python 3.10 reads TOML with tomli (pip install tomli)"
+        )
     return tomllib
 
 

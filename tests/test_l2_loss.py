@@ -4,6 +4,7 @@ sum and mean stay within a few eps on the CPU. (l2_loss against numpy and nn.MSE
 tests/test_oracle_agreement.py; empty input: tests/test_shapes.py; NaN/Inf:
 tests/test_special_values.py; float16 mean at large n on CUDA: tests/test_cuda.py.) tests/test_gpu_readiness.py runs a collection of this file.
 """
+
 import math
 
 import numpy as np
@@ -35,10 +36,13 @@ def test_loss_sum_keeps_precision_at_large_n(request):
     if SANITIZE:
         n = 1 << 21
     g = torch.Generator().manual_seed(0)
-    pred = torch.rand(n, generator=g) + 0.5          # d^2 in [0.25, 2.25): full mantissas
+    pred = torch.rand(n, generator=g) + 0.5  # d^2 in [0.25, 2.25): full mantissas
     target = torch.zeros(n)
-    exact = math.fsum((pred.double() ** 2).tolist()) if n <= 1 << 21 else float(
-        np.sum(np.square(pred.double().numpy()), dtype=np.float64))
+    exact = (
+        math.fsum((pred.double() ** 2).tolist())
+        if n <= 1 << 21
+        else float(np.sum(np.square(pred.double().numpy()), dtype=np.float64))
+    )
     errs = {}
     for reduction in ("sum", "mean"):
         want = exact if reduction == "sum" else exact / n
@@ -47,7 +51,9 @@ def test_loss_sum_keeps_precision_at_large_n(request):
     ones = torch.ones(n)
     got_ones = tl.l2_loss(ones, target).item()
     errs["ones"] = abs(got_ones - n) / n
-    report(request, f"l2_loss over {n} float32 elements: rel err " + ", ".join(
-        f"{k} {v:.1e}" for k, v in errs.items()))
+    report(
+        request,
+        f"l2_loss over {n} float32 elements: rel err "
+        + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()),
+    )
     assert all(e < 1e-5 for e in errs.values()), errs
-

@@ -16,6 +16,7 @@ the longest path (6: act, y, grad_y, grad_h, the result, plus one for the output
 room for the float32 accumulation: C = 8. A float16/bfloat16 accumulator would exceed it
 (test_sums_accumulate_in_float32 shows the failure it would cause directly).
 """
+
 import contextlib
 
 import numpy as np
@@ -74,10 +75,17 @@ def oracle(e, reduction):
     n = y.size if reduction == "mean" else 1
     Hm = a["x"] @ a["w1"] + a["b1"]
     Ym = Hm @ a["w2"] + a["b2"]
-    Gm = 2 * (Ym + a["y"]) / n                     # >= |grad_y| and its error's scale
+    Gm = 2 * (Ym + a["y"]) / n  # >= |grad_y| and its error's scale
     GHm = Gm @ a["w2"].T
-    mags = dict(y=Ym, w2=Hm.T @ Gm, b2=Gm.sum(0), w1=a["x"].T @ GHm, b1=GHm.sum(0),
-                x=GHm @ a["w1"].T, target=Gm)
+    mags = dict(
+        y=Ym,
+        w2=Hm.T @ Gm,
+        b2=Gm.sum(0),
+        w1=a["x"].T @ GHm,
+        b1=GHm.sum(0),
+        x=GHm @ a["w1"].T,
+        target=Gm,
+    )
     d = np.abs(y - e["y"])
     # loss = sum d^2 / n: each |d| off by at most its y's bound; the result rounded once.
     loss = R.numpy_loss(y, e["y"], reduction)
@@ -96,13 +104,15 @@ def assert_within_bound(actual, expected, magnitude, dtype, what, c=C):
 
 # ---- accuracy against the float64 oracle -----------------------------------------------------
 
+
 @pytest.mark.parametrize("path", ["two_layer+l2_loss", "fused"])
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 @pytest.mark.parametrize("dtype_name", LOWP)
-def test_forward_loss_and_gradients_within_rounding_bound(dtype_name, shape, bias, reduction,
-                                                          path, device):
+def test_forward_loss_and_gradients_within_rounding_bound(
+    dtype_name, shape, bias, reduction, path, device
+):
     dtype = LOWP[dtype_name]
     t, e = quantized_problem(dtype, shape, bias, device)
     leaves = {k: v.requires_grad_() for k, v in t.items() if v is not None}  # target too
@@ -136,8 +146,13 @@ def test_two_layer_bwd_op_within_rounding_bound(dtype_name, device):
     a = {k: np.abs(v) for k, v in e.items() if v is not None}
     Hm = a["x"] @ a["w1"] + a["b1"]
     GHm = np.abs(gn) @ a["w2"].T
-    mags = dict(x=GHm @ a["w1"].T, w1=a["x"].T @ GHm, w2=Hm.T @ np.abs(gn), b1=GHm.sum(0),
-                b2=np.abs(gn).sum(0))
+    mags = dict(
+        x=GHm @ a["w1"].T,
+        w1=a["x"].T @ GHm,
+        w2=Hm.T @ np.abs(gn),
+        b1=GHm.sum(0),
+        b2=np.abs(gn).sum(0),
+    )
     for name, got in zip(("x", "w1", "w2", "b1", "b2"), out):
         assert got.dtype == dtype
         assert_within_bound(got, expected[name], mags[name], dtype, f"grad {name}")
@@ -153,8 +168,9 @@ def test_sgd_step_within_rounding_bound(dtype_name, bias, reduction, device):
     # A step that moves w1 by a fifth of its largest entry: far above the bound.
     lr = float(0.2 * np.abs(e["w1"]).max() / np.abs(grads["w1"]).max())
     with float32_reductions(device):
-        loss = tl.sgd_step(t["x"], t["y"], t["w1"], t["w2"], t["b1"], t["b2"], lr=lr,
-                           reduction=reduction)
+        loss = tl.sgd_step(
+            t["x"], t["y"], t["w1"], t["w2"], t["b1"], t["b2"], lr=lr, reduction=reduction
+        )
     assert loss.dtype == dtype
     assert abs(loss.item() - loss_np) <= C * unit_roundoff(dtype) * loss_scale, "loss"
     for name in R.PARAM_NAMES:
@@ -188,15 +204,16 @@ def test_sums_accumulate_in_float32(dtype_name, device):
     dtype, K = LOWP[dtype_name], 4096
     ones = lambda *s: torch.ones(*s, dtype=dtype, device=device)  # noqa: E731
     with float32_reductions(device):
-        assert tl.two_layer(ones(1, K), ones(K, 1), ones(1, 1)).item() == K   # a GEMM's sum
-        assert tl.l2_loss(ones(K), 0 * ones(K)).item() == K                   # the loss's sum
+        assert tl.two_layer(ones(1, K), ones(K, 1), ones(1, 1)).item() == K  # a GEMM's sum
+        assert tl.l2_loss(ones(K), 0 * ones(K)).item() == K  # the loss's sum
         w1, b1 = ones(1, 1).requires_grad_(), ones(1).requires_grad_()
         tl.two_layer(ones(K, 1), w1, ones(1, 1), b1).sum().backward()
-        assert b1.grad.item() == K and w1.grad.item() == K                  # column sums
+        assert b1.grad.item() == K and w1.grad.item() == K  # column sums
         w1b, b1b = ones(1, 1).requires_grad_(), ones(1).requires_grad_()
         # The fused loss's "mean" 1/n rides in the GEMM alpha: 2 (y - 0) / n summed over K rows.
-        tl.two_layer_l2_loss(ones(K, 1), 0 * ones(K, 1), w1b, ones(1, 1), b1b,
-                             reduction="mean").backward()
+        tl.two_layer_l2_loss(
+            ones(K, 1), 0 * ones(K, 1), w1b, ones(1, 1), b1b, reduction="mean"
+        ).backward()
         assert b1b.grad.item() == 4.0 and w1b.grad.item() == 4.0
 
 
@@ -207,8 +224,9 @@ def test_relu_sign_mask_matches_numpy_at_zero_and_nan(dtype_name, device):
     dtype = LOWP[dtype_name]
     nan = float("nan")
     x = torch.ones(1, 1, dtype=dtype, device=device, requires_grad=True)
-    w1 = torch.tensor([[0.0, -0.0, -1.0, 1.0, nan, -nan]], dtype=dtype, device=device,
-                      requires_grad=True)
+    w1 = torch.tensor(
+        [[0.0, -0.0, -1.0, 1.0, nan, -nan]], dtype=dtype, device=device, requires_grad=True
+    )
     w2 = torch.ones(6, 1, dtype=dtype, device=device)
     _, act = OPS.two_layer_fwd(x.detach(), w1.detach(), w2, None, None)
     assert torch.signbit(act).tolist() == [[False, False, True, False, False, False]]
@@ -225,8 +243,9 @@ def test_every_cpu_variant_runs_the_same_low_precision_path():
             continue  # this CPU lacks the variant's ISA
         with tl.use_cpu_kernel(name):
             y = tl.two_layer(t["x"], t["w1"], t["w2"], t["b1"], t["b2"])
-            loss = OPS.two_layer_l2_loss_fwd(t["x"], t["y"], t["w1"], t["w2"], t["b1"], t["b2"],
-                                             "mean", [True] * 6)
+            loss = OPS.two_layer_l2_loss_fwd(
+                t["x"], t["y"], t["w1"], t["w2"], t["b1"], t["b2"], "mean", [True] * 6
+            )
         results[name] = (y, *loss)
     first = next(iter(results.values()))
     for name, got in results.items():
@@ -235,9 +254,12 @@ def test_every_cpu_variant_runs_the_same_low_precision_path():
 
 # ---- opcheck ---------------------------------------------------------------------------------
 
+
 def bf16_inputs(device, requires_grad, N=5):
     g = torch.Generator().manual_seed(0)
-    mk = lambda *s: torch.randn(*s, generator=g).to(torch.bfloat16).to(device).requires_grad_(requires_grad)  # noqa: E731
+    mk = lambda *s: (
+        torch.randn(*s, generator=g).to(torch.bfloat16).to(device).requires_grad_(requires_grad)
+    )  # noqa: E731
     return mk(N, 4), mk(4, 6), mk(6, 3), mk(6), mk(3)
 
 
@@ -247,8 +269,10 @@ def test_opcheck_bfloat16(device, requires_grad):
     x, w1, w2, b1, b2 = bf16_inputs(device, requires_grad)
     target = torch.randn(5, 3).to(torch.bfloat16).to(device)
     opcheck(OPS.two_layer, (x, w1, w2, b1, b2))
-    opcheck(OPS.l2_loss, (tl.two_layer(x, w1, w2, b1, b2).detach().requires_grad_(requires_grad),
-                          target, "mean"))
+    opcheck(
+        OPS.l2_loss,
+        (tl.two_layer(x, w1, w2, b1, b2).detach().requires_grad_(requires_grad), target, "mean"),
+    )
     opcheck(OPS.two_layer_l2_loss, (x, target, w1, w2, b1, b2, "mean"))
     plain = [t.detach() for t in (x, w1, w2, b1, b2)]
     y, act = OPS.two_layer_fwd(*plain)
@@ -257,11 +281,13 @@ def test_opcheck_bfloat16(device, requires_grad):
     opcheck(OPS.l2_loss_fwd, (y, target, "sum", True))
     opcheck(OPS.l2_loss_bwd, (torch.tensor(1.5, dtype=torch.bfloat16, device=device), y))
     opcheck(OPS.two_layer_l2_loss_fwd, (plain[0], target, *plain[1:], "sum", [True] * 6))
-    opcheck(OPS.sgd_step, (plain[0], target, *[w.clone() for w in plain[1:]], 0.01, "mean",
-                           [True] * 4))
+    opcheck(
+        OPS.sgd_step, (plain[0], target, *[w.clone() for w in plain[1:]], 0.01, "mean", [True] * 4)
+    )
 
 
 # ---- autocast --------------------------------------------------------------------------------
+
 
 def autocast_dtype(device):
     return torch.bfloat16 if device == "cpu" else torch.float16
@@ -327,12 +353,13 @@ def test_autocast_leaves_float64_and_sgd_step_alone(device):
     target = torch.randn(6, 3, device=device, dtype=torch.float64)
     w1 = net.w1.detach().clone()
     with torch.autocast(device, dtype=autocast_dtype(device)):
-        assert net(x).dtype == torch.float64     # autocast never casts float64, as for nn.Linear
+        assert net(x).dtype == torch.float64  # autocast never casts float64, as for nn.Linear
         net.sgd_step(x, target, lr=0.1)  # updates the float64 weights in place
     assert net.w1.dtype == torch.float64 and not torch.equal(net.w1, w1)
 
 
 # ---- a bfloat16 module -----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype_name", LOWP)
 def test_module_to_low_precision_trains(dtype_name):

@@ -1,6 +1,7 @@
 """Behaviour: TwoLayerNet is a drop-in nn.Module: its parameters and repr, an exact round trip
 with nn.Sequential(Linear, ReLU, Linear), and checkpoints of either kind. (Bad sizes and models:
 tests/test_hostile.py; sgd_step on the module: tests/test_sgd_step.py.)"""
+
 import pytest
 import torch
 from torch import nn
@@ -37,12 +38,19 @@ def test_module_basics():
     net = tl.TwoLayerNet(4, 6, 2)
     # nn.Sequential(Linear, ReLU, Linear)'s order and layout; w1, w2 the tutorial's views
     assert [(n, tuple(p.shape)) for n, p in net.named_parameters()] == [
-        ("weight1", (6, 4)), ("bias1", (6,)), ("weight2", (2, 6)), ("bias2", (2,))]
+        ("weight1", (6, 4)),
+        ("bias1", (6,)),
+        ("weight2", (2, 6)),
+        ("bias2", (2,)),
+    ]
     assert net.w1.shape == (4, 6) and net.w2.shape == (6, 2)
     assert net.w1.data_ptr() == net.weight1.data_ptr() and net.b1 is net.bias1
     assert "D_in=4, H=6, D_out=2, bias=True" in repr(net)
     assert net(torch.randn(3, 4)).shape == (3, 2)
-    assert [n for n, _ in tl.TwoLayerNet(4, 6, 2, bias=False).named_parameters()] == ["weight1", "weight2"]
+    assert [n for n, _ in tl.TwoLayerNet(4, 6, 2, bias=False).named_parameters()] == [
+        "weight1",
+        "weight2",
+    ]
 
 
 @pytest.mark.parametrize("bias", [False, True])

@@ -1,6 +1,7 @@
 """Behaviour: the ops are well-formed torch ops. opcheck on every op (with and without
 requires_grad; float64, and every dtype a device takes: float16/bfloat16 on CUDA, moved here from
 test_cuda.py), float64 gradcheck (N = 0, 1, 5), and double backward as a clear error. Per device."""
+
 import pytest
 import torch
 from torch.library import opcheck
@@ -14,7 +15,9 @@ OPS = torch.ops.twolayer_ext
 
 def inputs(device, bias, requires_grad, N=5):
     g = torch.Generator().manual_seed(0)
-    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(device).requires_grad_(requires_grad)  # noqa: E731
+    mk = lambda *s: (
+        torch.randn(*s, generator=g, dtype=torch.float64).to(device).requires_grad_(requires_grad)
+    )  # noqa: E731
     x, w1, w2 = mk(N, 4), mk(4, 6), mk(6, 3)
     b1, b2 = (mk(6), mk(3)) if bias else (None, None)
     return x, w1, w2, b1, b2
@@ -28,8 +31,10 @@ def test_opcheck_two_layer(device, bias, requires_grad):
     opcheck(OPS.two_layer_fwd, inputs(device, bias, False))
 
 
-@pytest.mark.parametrize("mask", [[True] * 5, [False, True, False, True, False],
-                                  [True, False, True, False, False], [False] * 5])
+@pytest.mark.parametrize(
+    "mask",
+    [[True] * 5, [False, True, False, True, False], [True, False, True, False, False], [False] * 5],
+)
 def test_opcheck_two_layer_bwd(device, mask):  # mask order: (x, w1, w2, b1, b2)
     x, w1, w2, b1, b2 = inputs(device, True, False)
     _, act = OPS.two_layer_fwd(x, w1, w2, b1, b2)
@@ -53,8 +58,7 @@ def test_opcheck_l2_loss(device, reduction, requires_grad):
 @pytest.mark.parametrize("bias", [False, True])
 def test_opcheck_two_layer_l2_loss(device, bias, reduction, which):
     x, w1, w2, b1, b2 = inputs(device, bias, which != "none")
-    target = torch.randn(5, 3, dtype=torch.float64, device=device,
-                         requires_grad=which == "all")
+    target = torch.randn(5, 3, dtype=torch.float64, device=device, requires_grad=which == "all")
     if which == "weights":
         x = x.detach()
     opcheck(OPS.two_layer_l2_loss, (x, target, w1, w2, b1, b2, reduction))
@@ -70,7 +74,8 @@ def test_gradcheck_two_layer_l2_loss(device, bias, N):
     target = torch.randn(N, 3, dtype=torch.float64, device=device, requires_grad=True)
     for reduction in ("sum", "mean") if N else ("sum",):
         assert torch.autograd.gradcheck(
-            lambda *a: tl.two_layer_l2_loss(*a, reduction=reduction), (x, target, w1, w2, b1, b2))
+            lambda *a: tl.two_layer_l2_loss(*a, reduction=reduction), (x, target, w1, w2, b1, b2)
+        )
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -88,13 +93,15 @@ def test_gradcheck_l2_loss(device, reduction):
 
 def test_double_backward_is_a_clear_error(device):
     x, w1, w2, b1, b2 = inputs(device, True, True)
-    loss = tl.l2_loss(tl.two_layer(x, w1, w2, b1, b2), torch.zeros(5, 3, dtype=torch.float64,
-                                                                   device=device))
+    loss = tl.l2_loss(
+        tl.two_layer(x, w1, w2, b1, b2), torch.zeros(5, 3, dtype=torch.float64, device=device)
+    )
     (gw1,) = torch.autograd.grad(loss, w1, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
         gw1.sum().backward()
-    fused = tl.two_layer_l2_loss(x, torch.zeros(5, 3, dtype=torch.float64, device=device),
-                                 w1, w2, b1, b2)
+    fused = tl.two_layer_l2_loss(
+        x, torch.zeros(5, 3, dtype=torch.float64, device=device), w1, w2, b1, b2
+    )
     (gw1,) = torch.autograd.grad(fused, w1, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
         gw1.sum().backward()
@@ -104,8 +111,8 @@ def dtype_inputs(device, dtype, bias, requires_grad, N=5):
     g = torch.Generator().manual_seed(0)
 
     def make(*shape):
-        return (torch.randn(*shape, generator=g).to(dtype).to(device)
-                .requires_grad_(requires_grad))
+        return torch.randn(*shape, generator=g).to(dtype).to(device).requires_grad_(requires_grad)
+
     x, w1, w2 = make(N, 4), make(4, 6), make(6, 3)
     b1, b2 = (make(6), make(3)) if bias else (None, None)
     return x, w1, w2, b1, b2

@@ -11,6 +11,7 @@ Per device ([cuda] cases skip without a GPU) and per CPU kernel variant. The tut
 replay is tests/test_seed_replay.py; CUDA's float16/bfloat16/TF32 accuracy is tests/test_cuda.py.
 Merged from test_two_layer.py, test_l2_loss.py, test_sgd_step.py and test_oracles.py.
 """
+
 import numpy as np
 import pytest
 import torch
@@ -27,6 +28,7 @@ PARAM_ORDER = ("w1", "w2", "b1", "b2")
 
 
 # ---- two_layer ---------------------------------------------------------------------------------
+
 
 def run_fused(x, params, grad_y, device, dtype):
     xt = torch.tensor(x, dtype=dtype, device=device, requires_grad=True)
@@ -83,11 +85,13 @@ def test_two_layer_matches_autograd(dtype, bias, device):
 def test_drop_in_for_tutorial_expression(device):
     x, _, params = R.tutorial_data(64, 1000, 100, 10, seed=7)
     xt, w1, w2 = (torch.tensor(a, device=device) for a in (x, params["w1"], params["w2"]))
-    torch.testing.assert_close(tl.two_layer(xt, w1, w2), xt.mm(w1).clamp(min=0).mm(w2),
-                               rtol=1e-12, atol=1e-6)
+    torch.testing.assert_close(
+        tl.two_layer(xt, w1, w2), xt.mm(w1).clamp(min=0).mm(w2), rtol=1e-12, atol=1e-6
+    )
 
 
 # ---- l2_loss -----------------------------------------------------------------------------------
+
 
 @KERNELS
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
@@ -125,6 +129,7 @@ def test_l2_loss_matches_torch(dtype, reduction, device):
 
 # ---- sgd_step ----------------------------------------------------------------------------------
 
+
 @KERNELS
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
@@ -133,8 +138,9 @@ def test_sgd_step_equals_autograd_float64(bias, reduction, device):
     lr = 1e-2
     ours = to_torch(params, device)
     xt, yt = torch.tensor(x, device=device), torch.tensor(y, device=device)
-    loss = tl.sgd_step(xt, yt, ours["w1"], ours["w2"], ours["b1"], ours["b2"], lr=lr,
-                       reduction=reduction)
+    loss = tl.sgd_step(
+        xt, yt, ours["w1"], ours["w2"], ours["b1"], ours["b2"], lr=lr, reduction=reduction
+    )
     ref = to_torch(params, device, requires_grad=True)
     ref_loss = R.autograd_sgd_step(xt, yt, ref, lr, reduction)
     assert loss.item() == pytest.approx(ref_loss, rel=1e-12)
@@ -155,10 +161,13 @@ def test_sgd_step_many_rows_narrow_layers(bias, reduction, device):
     ours = to_torch(params, device)
     ours["w1"] = ours["w1"].t().contiguous().t()  # a transposed weight, updated in place
     xt, yt = torch.tensor(x, device=device), torch.tensor(y, device=device)
-    loss = tl.sgd_step(xt, yt, ours["w1"], ours["w2"], ours["b1"], ours["b2"], lr=1e-4,
-                       reduction=reduction)
+    loss = tl.sgd_step(
+        xt, yt, ours["w1"], ours["w2"], ours["b1"], ours["b2"], lr=1e-4, reduction=reduction
+    )
     ref = to_torch(params, device, requires_grad=True)
-    assert loss.item() == pytest.approx(R.autograd_sgd_step(xt, yt, ref, 1e-4, reduction), rel=1e-12)
+    assert loss.item() == pytest.approx(
+        R.autograd_sgd_step(xt, yt, ref, 1e-4, reduction), rel=1e-12
+    )
     for k, v in ours.items():
         if v is not None:
             err = (v - ref[k].detach()).abs().max() / ref[k].detach().abs().max()
@@ -184,6 +193,7 @@ def test_many_float32_sgd_steps_track_autograd():
 
 
 # ---- the oracles among themselves (float64, no kernel of ours) -------------------------------
+
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("reduction", ["sum", "mean"])

@@ -1,6 +1,7 @@
 """The CPU kernels' worker pool (csrc/cpu/pool.h): torch.set_num_threads governs it, results are
 bitwise the same for any thread count and with a core kept busy, and a forked child (a
 DataLoader worker) gets a working pool of its own."""
+
 import os
 import subprocess
 import sys
@@ -24,8 +25,12 @@ def step_results(shape, variant, seed=0):
     g = torch.Generator().manual_seed(seed)
     N, D_in, H, D_out = shape
     x, t = torch.randn(N, D_in, generator=g), torch.randn(N, D_out, generator=g)
-    w = [torch.randn(D_in, H, generator=g) / D_in ** 0.5, torch.randn(H, D_out, generator=g) / H ** 0.5,
-         torch.randn(H, generator=g), torch.randn(D_out, generator=g)]
+    w = [
+        torch.randn(D_in, H, generator=g) / D_in**0.5,
+        torch.randn(H, D_out, generator=g) / H**0.5,
+        torch.randn(H, generator=g),
+        torch.randn(D_out, generator=g),
+    ]
     with tl.use_cpu_kernel(variant):
         loss = tl.sgd_step(x, t, *w, lr=1e-3)
         p = [v.clone().requires_grad_() for v in w]
@@ -35,7 +40,9 @@ def step_results(shape, variant, seed=0):
 
 
 @pytest.mark.parametrize("variant", TUNED)
-@pytest.mark.parametrize("shape", [(300, 70, 50, 9), (5000, 24, 16, 3)], ids=["gemm", "row-blocked"])
+@pytest.mark.parametrize(
+    "shape", [(300, 70, 50, 9), (5000, 24, 16, 3)], ids=["gemm", "row-blocked"]
+)
 def test_bitwise_identical_for_any_thread_count(variant, shape, restore_threads):
     results = {}
     for n in (1, 2, 3):

@@ -4,6 +4,7 @@ a forward-mode or second-order formula says so, an overflowing loss is inf, an l
 dtype cannot hold is refused before anything moves, the kernel choice of use_cpu_kernel is
 thread-local, optimizer state moves between nn.Sequential and TwoLayerNet exactly, and a large
 call does not keep its workspace."""
+
 import copy
 import os
 import threading
@@ -22,6 +23,7 @@ def f64(*shape, seed=0):
 
 
 # ---- in-place updates: version counters and inference tensors ----------------------------------
+
 
 @pytest.mark.parametrize("how", ["module", "function"])
 def test_sgd_step_bumps_versions_so_a_stale_graph_refuses_backward(how, device):
@@ -53,8 +55,11 @@ def test_inference_tensors_are_updated_only_inside_inference_mode(device):
     with torch.inference_mode():
         w1, w2 = torch.randn(8, 6, device=device), torch.randn(6, 3, device=device)
     before = w1.clone()
-    with pytest.raises(RuntimeError, match=r"sgd_step: w1 is an inference tensor .* outside "
-                                           r"InferenceMode is not allowed"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"sgd_step: w1 is an inference tensor .* outside "
+        r"InferenceMode is not allowed",
+    ):
         tl.sgd_step(x, y, w1, w2, lr=0.1)
     assert torch.equal(w1, before)  # refused before anything moved
     with torch.inference_mode():
@@ -69,6 +74,7 @@ def test_inference_tensors_are_updated_only_inside_inference_mode(device):
 
 
 # ---- derivatives the ops have no formula for: refused, never zero ------------------------------
+
 
 def _fns():
     x, y, w2 = f64(5, 4, seed=1), f64(5, 3, seed=2), f64(6, 3, seed=3)
@@ -87,6 +93,7 @@ def test_forward_mode_ad_is_refused(name):
     with pytest.raises(NotImplementedError, match="forward-mode AD"):
         torch.func.jacfwd(f)(w)
     import torch.autograd.forward_ad as fwAD
+
     with fwAD.dual_level(), pytest.raises(NotImplementedError, match="forward-mode AD"):
         f(fwAD.make_dual(w, torch.ones_like(w)))
 
@@ -95,8 +102,7 @@ def test_forward_mode_ad_is_refused(name):
 @pytest.mark.parametrize("transform", ["hessian", "jacrev(jacrev)", "grad(grad)"])
 def test_second_order_transforms_are_refused(name, transform):
     f, w = _fns()[name], f64(4, 6, seed=4)
-    with pytest.raises((RuntimeError, NotImplementedError),
-                       match="not supported|not implemented"):
+    with pytest.raises((RuntimeError, NotImplementedError), match="not supported|not implemented"):
         if transform == "hessian":
             torch.func.hessian(f)(w)
         elif transform == "jacrev(jacrev)":
@@ -118,11 +124,15 @@ def test_kernel_ops_called_directly_refuse_backward():
 
 # ---- overflow: inf, as torch; never an error after an update ----------------------------------
 
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_an_overflowing_loss_is_inf(dtype, reduction, device):
     big = torch.finfo(dtype).max / 4
-    p, t = torch.full((4, 4), big, dtype=dtype, device=device), torch.zeros(4, 4, dtype=dtype, device=device)
+    p, t = (
+        torch.full((4, 4), big, dtype=dtype, device=device),
+        torch.zeros(4, 4, dtype=dtype, device=device),
+    )
     want = nn.functional.mse_loss(p, t, reduction=reduction)
     assert torch.isinf(want)  # torch's own answer
     got = tl.l2_loss(p, t, reduction)
@@ -143,7 +153,10 @@ def test_an_overflowing_fused_loss_and_sgd_step_return_inf(device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_an_lr_the_weights_dtype_cannot_hold_is_refused_before_any_update(dtype, device):
     net = tl.TwoLayerNet(4, 4, 4, device=device, dtype=dtype)
-    x, y = torch.randn(3, 4, device=device, dtype=dtype), torch.randn(3, 4, device=device, dtype=dtype)
+    x, y = (
+        torch.randn(3, 4, device=device, dtype=dtype),
+        torch.randn(3, 4, device=device, dtype=dtype),
+    )
     before = [p.detach().clone() for p in net.parameters()]
     lr = float(torch.finfo(dtype).max) * 10
     with pytest.raises(RuntimeError):  # torch.optim refuses it too
@@ -151,12 +164,15 @@ def test_an_lr_the_weights_dtype_cannot_hold_is_refused_before_any_update(dtype,
         for p in opt.param_groups[0]["params"]:
             p.grad = torch.ones_like(p)
         opt.step()
-    with pytest.raises(ValueError, match=r"sgd_step: lr must be at most .* the weights' dtype\), got"):
+    with pytest.raises(
+        ValueError, match=r"sgd_step: lr must be at most .* the weights' dtype\), got"
+    ):
         net.sgd_step(x, y, lr=lr)
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
 
 
 # ---- use_cpu_kernel is thread-local ----------------------------------------------------------
+
 
 def test_use_cpu_kernel_is_thread_local():
     seen, inside, release = {}, threading.Event(), threading.Event()
@@ -190,12 +206,15 @@ def test_use_cpu_kernel_is_thread_local():
 
 # ---- optimizer state carries over from nn.Sequential -----------------------------------------
 
+
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("widths", [(6, 6, 6), (8, 6, 3)])
 def test_optimizer_state_from_nn_sequential_resumes_exactly(bias, widths):
     torch.manual_seed(0)
     D_in, H, D_out = widths
-    seq = nn.Sequential(nn.Linear(D_in, H, bias=bias), nn.ReLU(), nn.Linear(H, D_out, bias=bias)).double()
+    seq = nn.Sequential(
+        nn.Linear(D_in, H, bias=bias), nn.ReLU(), nn.Linear(H, D_out, bias=bias)
+    ).double()
     x, y = f64(16, D_in, seed=5), f64(16, D_out, seed=6)
     opt = torch.optim.AdamW(seq.parameters(), lr=1e-2)
     for _ in range(3):
@@ -208,8 +227,10 @@ def test_optimizer_state_from_nn_sequential_resumes_exactly(bias, widths):
     opt2 = torch.optim.AdamW(net.parameters(), lr=1e-2)
     opt2.load_state_dict(checkpoint["opt"])
     for _ in range(2):
-        for o, loss in ((opt, lambda: nn.functional.mse_loss(seq(x), y, reduction="sum")),
-                        (opt2, lambda: net.loss(x, y, "sum"))):
+        for o, loss in (
+            (opt, lambda: nn.functional.mse_loss(seq(x), y, reduction="sum")),
+            (opt2, lambda: net.loss(x, y, "sum")),
+        ):
             o.zero_grad()
             loss().backward()
             o.step()
@@ -219,11 +240,14 @@ def test_optimizer_state_from_nn_sequential_resumes_exactly(bias, widths):
     seq2 = copy.deepcopy(seq)
     opt3 = torch.optim.AdamW(seq2.parameters(), lr=1e-2)
     opt3.load_state_dict(copy.deepcopy(opt2.state_dict()))
-    assert all(torch.equal(s["exp_avg"], opt2.state[p]["exp_avg"])
-               for s, p in zip(opt3.state.values(), net.parameters()))
+    assert all(
+        torch.equal(s["exp_avg"], opt2.state[p]["exp_avg"])
+        for s, p in zip(opt3.state.values(), net.parameters())
+    )
 
 
 # ---- a large call does not keep its workspace ------------------------------------------------
+
 
 def _rss_mib():
     with open("/proc/self/statm") as f:
@@ -231,8 +255,10 @@ def _rss_mib():
 
 
 @pytest.mark.slow  # a large step per variant
-@pytest.mark.skipif("libasan" in os.environ.get("LD_PRELOAD", ""),
-                    reason="ASan's quarantine keeps freed memory resident")
+@pytest.mark.skipif(
+    "libasan" in os.environ.get("LD_PRELOAD", ""),
+    reason="ASan's quarantine keeps freed memory resident",
+)
 def test_a_large_step_releases_its_workspace(cpu_kernel):
     N, D_in, H, D_out = 9000, 16, 2048, 4  # intermediates ~150 MB, arithmetic ~1 GFLOP
     x, y = torch.randn(N, D_in), torch.randn(N, D_out)

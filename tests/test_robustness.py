@@ -9,6 +9,7 @@ pushing a shared machine into the OOM killer. Under the sanitizers (TWOLAYER_SAN
 tools/sanitize.sh) the loops are 10x shorter and the large run is skipped (ASan's shadow memory
 needs the address space the limit takes away).
 """
+
 import gc
 import json
 import math
@@ -36,11 +37,17 @@ LARGE = (4096, 1024, 1024, 256)
 
 
 def _run_helper(mode, timeout=900, env=None):
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), mode], capture_output=True,
-                          text=True, timeout=timeout, cwd=os.path.dirname(HERE),
-                          env=dict(os.environ, **(env or {})))
-    assert proc.returncode == 0, (f"{mode} helper died (rc {proc.returncode}):\n{proc.stdout[-3000:]}"
-                                  f"\n{proc.stderr[-3000:]}")
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), mode],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=os.path.dirname(HERE),
+        env=dict(os.environ, **(env or {})),
+    )
+    assert proc.returncode == 0, (
+        f"{mode} helper died (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -57,6 +64,7 @@ def _problem(N, D_in, H, D_out, *, seed=0, dtype=torch.float32, bias=True):
 
 
 # ---- 4. leaks ------------------------------------------------------------------------------------
+
 
 def _rss_bytes():
     with open("/proc/self/statm") as f:
@@ -75,7 +83,7 @@ def leak_helper():
 
     def autograd_step():
         loss = tl.l2_loss(tl.two_layer(*leaves), t)
-        loss.backward()   # two_layer_fwd, l2_loss_fwd, then their backward ops, with a graph
+        loss.backward()  # two_layer_fwd, l2_loss_fwd, then their backward ops, with a graph
 
     # Every op runs `calls` times without autograd (two_layer_fwd and l2_loss_fwd through the
     # public functions; the backward ops directly) and with it (the autograd step runs
@@ -91,7 +99,7 @@ def leak_helper():
     }
     out = {}
     for name, (n, fn) in cases.items():
-        for _ in range(2000):   # warm-up: allocator caches, autograd's first-use structures
+        for _ in range(2000):  # warm-up: allocator caches, autograd's first-use structures
             fn()
         gc.collect()
         before = _rss_bytes()
@@ -111,13 +119,19 @@ def _swallow(fn):
 
 
 @pytest.mark.slow  # 100k calls per op in a subprocess
-@pytest.mark.skipif(SANITIZE, reason="ASan's quarantine holds freed memory: RSS says nothing there "
-                    "(and LeakSanitizer is off for the interpreter)")
+@pytest.mark.skipif(
+    SANITIZE,
+    reason="ASan's quarantine holds freed memory: RSS says nothing there "
+    "(and LeakSanitizer is off for the interpreter)",
+)
 def test_no_leaks_over_100k_calls(request):
     growth = _run_helper("leaks")
     calls = growth.pop("_calls")
-    _report(request, "leaks: RSS growth over %d calls: " % calls + ", ".join(
-        f"{k} {v / 2**20:+.2f} MiB" for k, v in growth.items()))
+    _report(
+        request,
+        "leaks: RSS growth over %d calls: " % calls
+        + ", ".join(f"{k} {v / 2**20:+.2f} MiB" for k, v in growth.items()),
+    )
     limit = 3 * 2**20  # "less than a few MB"; a leak of one small tensor per call is >= 10 MB
     assert all(v < limit for v in growth.values()), growth
 
@@ -136,14 +150,14 @@ def test_autograd_graph_is_freed(backward, gc_enabled):
     if not gc_enabled:
         gc.disable()
     try:
-        x = base[0] * 1.0            # non-leaf tensors: only the graph keeps them alive
+        x = base[0] * 1.0  # non-leaf tensors: only the graph keeps them alive
         w1 = base[1] * 1.0
         y = tl.two_layer(x, w1, *base[2:])
         loss = tl.l2_loss(y, t)
         refs = [weakref.ref(a) for a in (x, w1, y)]
         grad_fn_ref = weakref.ref(loss.grad_fn) if hasattr(loss.grad_fn, "__weakref__") else None
         del x, w1, y
-        assert refs[0]() is not None and refs[1]() is not None   # alive: saved by the graph
+        assert refs[0]() is not None and refs[1]() is not None  # alive: saved by the graph
         if backward:
             loss.backward()
         del loss
@@ -194,9 +208,13 @@ def test_eight_threads_match_single_threaded_results():
     for th in threads:
         th.join()
     assert not errors, errors
-    mismatches = [(i, rep, k) for i in range(8) for rep in range(2)
-                  for k, (a, b) in enumerate(zip(results[i][rep], expected[i]))
-                  if not torch.equal(a, b)]
+    mismatches = [
+        (i, rep, k)
+        for i in range(8)
+        for rep in range(2)
+        for k, (a, b) in enumerate(zip(results[i][rep], expected[i]))
+        if not torch.equal(a, b)
+    ]
     assert not mismatches, f"(thread, repeat, result index) differing bitwise: {mismatches}"
 
 
@@ -208,6 +226,7 @@ def restore_threads():
 
 
 # ---- 6. determinism ------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_repeated_calls_are_bitwise_identical(threads, restore_threads):
@@ -229,8 +248,22 @@ def test_one_and_two_threads_agree_to_rounding(restore_threads, request, variant
     """What holds across thread counts is documented in docs/hardening.md: agreement to rounding
     is required; bitwise equality is reported (it holds when no reduction is split by thread).
     A variant is pinned: auto may measure another variant fastest at another thread count."""
-    names = ["y", "loss", "grad_x", "grad_w1", "grad_w2", "grad_b1", "grad_b2",
-             "sgd loss 1", "sgd loss 2", "sgd loss 3", "w1", "w2", "b1", "b2"]
+    names = [
+        "y",
+        "loss",
+        "grad_x",
+        "grad_w1",
+        "grad_w2",
+        "grad_b1",
+        "grad_b2",
+        "sgd loss 1",
+        "sgd loss 2",
+        "sgd loss 3",
+        "w1",
+        "w2",
+        "b1",
+        "b2",
+    ]
     res = {}
     for n in (1, 2):
         torch.set_num_threads(n)
@@ -243,11 +276,15 @@ def test_one_and_two_threads_agree_to_rounding(restore_threads, request, variant
     for name, a, b in zip(names, res[1], res[2]):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
         bitwise[name] = bool(torch.equal(a, b))
-    _report(request, "threads 1 vs 2: bitwise equal: " + ", ".join(
-        f"{k} {'yes' if v else 'NO'}" for k, v in bitwise.items()))
+    _report(
+        request,
+        "threads 1 vs 2: bitwise equal: "
+        + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in bitwise.items()),
+    )
 
 
 # ---- 7. numerics ---------------------------------------------------------------------------------
+
 
 def _errors(N, D_in, H, D_out, seed=0):
     """float32 forward+backward (one each) against the float64 numpy oracle on the same values."""
@@ -296,16 +333,19 @@ def test_float32_error_against_float64_oracle(request):
         assert not bad, f"{label} {size}: errors above {bound:.2e}: {bad}"
     header = "float32 vs float64 oracle, max rel err: " + "; ".join(
         f"{label} {sizes[label]}: " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items())
-        for label, errs in table.items())
+        for label, errs in table.items()
+    )
     _report(request, header)
 
 
 # ---- 8. more than 2^31 elements ------------------------------------------------------------------
 
+
 def _zero_mapped(numel, dtype=np.float32):
     """A writable array of `numel` zeros backed by an anonymous private mapping: reading it maps
     the kernel's shared zero page, so it costs address space, not memory."""
     import mmap
+
     nbytes = numel * np.dtype(dtype).itemsize
     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0x4000)
     buf = mmap.mmap(-1, nbytes, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
@@ -319,6 +359,7 @@ def large_helper():
     """Runs each >2^31-element case; prints {case: "ok" | "error: <message>"}. Wrong answers are
     reported as "WRONG: ..."."""
     import resource
+
     out = {}
     big = (1 << 31) + 64
     # Address-space limit: the mappings below plus 6 GiB. A kernel that copies its input whole
@@ -350,8 +391,8 @@ def large_helper():
     # two_layer forward with x [2, 2^30 + 1] (2^31 + 2 elements), planted past index 2^31
     d_in = (1 << 30) + 1
     x_np, w1_np = _zero_mapped(2 * d_in), _zero_mapped(d_in)
-    x_np[7], w1_np[7] = 1.0, 0.5                 # h[0, 0] = 0.5
-    x_np[d_in + (d_in - 1)], w1_np[d_in - 1] = 2.0, 3.0   # x[1, -1] at flat index 2^31 + 1
+    x_np[7], w1_np[7] = 1.0, 0.5  # h[0, 0] = 0.5
+    x_np[d_in + (d_in - 1)], w1_np[d_in - 1] = 2.0, 3.0  # x[1, -1] at flat index 2^31 + 1
     x = torch.from_numpy(x_np).view(2, d_in)
     w1 = torch.from_numpy(w1_np).view(d_in, 1)
     w2 = torch.tensor([[2.0]])
@@ -367,15 +408,33 @@ def large_helper():
 
 @pytest.mark.slow  # >2^31 elements, in a subprocess
 @pytest.mark.skipif(SANITIZE, reason="ASan's shadow memory and the address-space limit collide")
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses Linux mmap/zero-page semantics")
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="uses Linux mmap/zero-page semantics"
+)
 def test_more_than_2_31_elements_work_or_fail_clearly(request):
     res = _run_helper("large")
     _report(request, "more than 2^31 elements: " + "; ".join(f"{k}: {v}" for k, v in res.items()))
     wrong = {k: v for k, v in res.items() if v != "ok" and not v.startswith("error: ")}
     assert not wrong, wrong
-    unclear = {k: v for k, v in res.items() if v.startswith("error: ") and not any(
-        w in v for w in ("allocate", "memory", "2^31", "2**31", "too large", "INT_MAX", "int32",
-                         "exceeds", "overflow"))}
+    unclear = {
+        k: v
+        for k, v in res.items()
+        if v.startswith("error: ")
+        and not any(
+            w in v
+            for w in (
+                "allocate",
+                "memory",
+                "2^31",
+                "2**31",
+                "too large",
+                "INT_MAX",
+                "int32",
+                "exceeds",
+                "overflow",
+            )
+        )
+    }
     assert not unclear, f"errors that do not say what is wrong: {unclear}"
 
 

@@ -1,6 +1,7 @@
 """Behaviour: the tutorial's 500 SGD steps in float64: ours replays the numpy loop step for step,
 through two_layer + l2_loss + autograd and through TwoLayerNet.sgd_step (moved here from
 test_sgd_step.py). Per CPU kernel variant."""
+
 import numpy as np
 import pytest
 import torch
@@ -8,8 +9,10 @@ import torch
 import twolayer_ext as tl
 from twolayer_ext import reference as R
 
-pytestmark = [pytest.mark.usefixtures("cpu_kernel"),  # every test, every CPU variant
-              pytest.mark.slow]  # 500 steps each
+pytestmark = [
+    pytest.mark.usefixtures("cpu_kernel"),  # every test, every CPU variant
+    pytest.mark.slow,
+]  # 500 steps each
 
 STEPS, LR = 500, 1e-6
 

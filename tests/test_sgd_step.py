@@ -7,6 +7,7 @@ Elsewhere: sgd_step against autograd, tests/test_oracle_agreement.py; a strided 
 in place, tests/test_strides.py; bad arguments and aliasing, tests/test_hostile.py; compiled,
 tests/test_compile.py; the 500-step replay, tests/test_seed_replay.py.
 """
+
 import copy
 
 import pytest
@@ -30,8 +31,10 @@ def test_leaf_parameters_and_no_grad():
     assert net.weight1.grad is None
 
 
-@pytest.mark.parametrize("frozen", [("weight1",), ("bias2",), ("weight1", "bias2"),
-                                    ("weight1", "weight2", "bias1", "bias2")])
+@pytest.mark.parametrize(
+    "frozen",
+    [("weight1",), ("bias2",), ("weight1", "bias2"), ("weight1", "weight2", "bias1", "bias2")],
+)
 def test_frozen_weights_are_not_touched(frozen, device):
     """requires_grad=False freezes a parameter: sgd_step neither computes its gradient nor
     updates it, and the others move exactly as autograd + SGD on the unfrozen ones (on the CPU),
@@ -46,8 +49,9 @@ def test_frozen_weights_are_not_touched(frozen, device):
             getattr(m, name).requires_grad_(False)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     x, y = torch.randn(20, 12, dtype=torch.float64), torch.randn(20, 3, dtype=torch.float64)
-    opt = torch.optim.SGD([p for p in ref.parameters() if p.requires_grad] or [torch.zeros(1)],
-                          lr=1e-2)
+    opt = torch.optim.SGD(
+        [p for p in ref.parameters() if p.requires_grad] or [torch.zeros(1)], lr=1e-2
+    )
     for _ in range(3):
         loss = net.sgd_step(x.to(device), y.to(device), lr=1e-2)
         with cpu_reference():
@@ -73,16 +77,25 @@ def test_update_mask_freezes_weights_as_the_cpu_reference(update, reduction, dev
     cpu, dev = cpu_and_device_args(device, seed=1)
     before = {k: dev[k].clone() for k in R.PARAM_NAMES}
     with cpu_reference():
-        want = OPS.sgd_step(cpu["x"], cpu["target"], cpu["w1"], cpu["w2"], cpu["b1"], cpu["b2"],
-                            0.05, reduction, update)
-    got = OPS.sgd_step(dev["x"], dev["target"], dev["w1"], dev["w2"], dev["b1"], dev["b2"], 0.05,
-                       reduction, update)
+        want = OPS.sgd_step(
+            cpu["x"],
+            cpu["target"],
+            cpu["w1"],
+            cpu["w2"],
+            cpu["b1"],
+            cpu["b2"],
+            0.05,
+            reduction,
+            update,
+        )
+    got = OPS.sgd_step(
+        dev["x"], dev["target"], dev["w1"], dev["w2"], dev["b1"], dev["b2"], 0.05, reduction, update
+    )
     torch.testing.assert_close(got.cpu(), want, rtol=1e-12, atol=0)
     for name, updated in zip(R.PARAM_NAMES, update):
         if updated:
             assert not torch.equal(dev[name], before[name]), f"{name} did not move"
-            torch.testing.assert_close(dev[name].cpu(), cpu[name], rtol=1e-12, atol=1e-12,
-                                       msg=name)
+            torch.testing.assert_close(dev[name].cpu(), cpu[name], rtol=1e-12, atol=1e-12, msg=name)
         else:
             assert torch.equal(dev[name], before[name]), f"{name} is frozen but changed"
 
@@ -91,13 +104,27 @@ def test_functional_sgd_step_freezes_only_once_a_weight_requires_grad():
     x, y, params = problem(10, 6, 5, 2, bias=True)
     plain = to_torch(params, "cpu")
     start = {k: v.clone() for k, v in plain.items()}
-    tl.sgd_step(torch.tensor(x), torch.tensor(y), plain["w1"], plain["w2"], plain["b1"],
-                plain["b2"], lr=1e-2)
+    tl.sgd_step(
+        torch.tensor(x),
+        torch.tensor(y),
+        plain["w1"],
+        plain["w2"],
+        plain["b1"],
+        plain["b2"],
+        lr=1e-2,
+    )
     assert all(not torch.equal(plain[k], start[k]) for k in plain)  # the tutorial's style
     mixed = to_torch(params, "cpu")
     mixed["w2"].requires_grad_(True)
-    tl.sgd_step(torch.tensor(x), torch.tensor(y), mixed["w1"], mixed["w2"], mixed["b1"],
-                mixed["b2"], lr=1e-2)
+    tl.sgd_step(
+        torch.tensor(x),
+        torch.tensor(y),
+        mixed["w1"],
+        mixed["w2"],
+        mixed["b1"],
+        mixed["b2"],
+        lr=1e-2,
+    )
     assert not torch.equal(mixed["w2"], start["w2"])
     for k in ("w1", "b1", "b2"):
         assert torch.equal(mixed[k], start[k]), f"{k} does not require grad, so it is frozen"

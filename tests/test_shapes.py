@@ -4,6 +4,7 @@ shape [*, D_in] with leading dimensions (two_layer, the fused loss, sgd_step) eq
 reference kernel. Per device and per CPU kernel variant. Merged from test_inputs.py,
 test_l2_loss.py and test_cuda.py. (gradcheck at N = 0 and 1: tests/test_opcheck.py.)
 """
+
 import contextlib
 
 import numpy as np
@@ -13,8 +14,14 @@ import torch
 import twolayer_ext as tl
 from twolayer_ext import reference as R
 
-from conftest import (ALL_DTYPES, assert_close_np, cpu_and_device_args, cpu_reference, problem,
-                      skip_unless_dtype_runs_on)
+from conftest import (
+    ALL_DTYPES,
+    assert_close_np,
+    cpu_and_device_args,
+    cpu_reference,
+    problem,
+    skip_unless_dtype_runs_on,
+)
 
 pytestmark = pytest.mark.usefixtures("cpu_kernel")  # every test, every CPU variant
 
@@ -24,16 +31,19 @@ pytestmark = pytest.mark.usefixtures("cpu_kernel")  # every test, every CPU vari
 def test_tiny_batches(N, bias, device):
     x, y, params = problem(N, 13, 5, 3, bias=bias)
     h, h_relu, y_np = R.numpy_forward(x, params["w1"], params["w2"], params["b1"], params["b2"])
-    p = {k: None if v is None else torch.tensor(v, device=device, requires_grad=True)
-         for k, v in params.items()}
+    p = {
+        k: None if v is None else torch.tensor(v, device=device, requires_grad=True)
+        for k, v in params.items()
+    }
     xt = torch.tensor(x, device=device, requires_grad=True)
     out = tl.two_layer(xt, p["w1"], p["w2"], p["b1"], p["b2"])
     assert out.shape == (N, 3)
     assert_close_np(out, y_np, rtol=1e-10, atol=1e-12)
     loss = tl.l2_loss(out, torch.tensor(y, device=device))
     loss.backward()
-    expected = R.numpy_backward(x, params["w1"], params["w2"], h, h_relu,
-                                R.numpy_loss_grad(y_np, y))
+    expected = R.numpy_backward(
+        x, params["w1"], params["w2"], h, h_relu, R.numpy_loss_grad(y_np, y)
+    )
     assert_close_np(p["w1"].grad, expected["w1"], rtol=1e-10, atol=1e-12)
     assert_close_np(xt.grad, expected["x"], rtol=1e-10, atol=1e-12)
     if N == 0:
@@ -73,9 +83,11 @@ def test_leading_dimensions_match_the_cpu_reference(device):
     torch.testing.assert_close(got.cpu(), want, rtol=1e-12, atol=1e-12)
     for a in (cpu, dev):
         with cpu_reference() if a is cpu else contextlib.nullcontext():
-            a["fused"] = tl.two_layer_l2_loss(a["x"], a["target"], a["w1"], a["w2"], a["b1"],
-                                              a["b2"], reduction="mean")
-            a["step"] = tl.sgd_step(a["x"], a["target"], a["w1"], a["w2"], a["b1"], a["b2"],
-                                    lr=0.1, reduction="mean")
+            a["fused"] = tl.two_layer_l2_loss(
+                a["x"], a["target"], a["w1"], a["w2"], a["b1"], a["b2"], reduction="mean"
+            )
+            a["step"] = tl.sgd_step(
+                a["x"], a["target"], a["w1"], a["w2"], a["b1"], a["b2"], lr=0.1, reduction="mean"
+            )
     for k in ("fused", "step", "w1", "w2", "b1", "b2"):
         torch.testing.assert_close(dev[k].cpu(), cpu[k], rtol=1e-12, atol=1e-12, msg=k)

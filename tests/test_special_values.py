@@ -5,6 +5,7 @@ oracle itself, and the kernels' saved activation, whose sign bit carries the mas
 Every case runs per device ([cpu] per CPU kernel variant, [cuda]) and per dtype (float16 and
 bfloat16 on CUDA only). Merged from test_inputs.py, test_oracles.py and test_cuda.py.
 """
+
 import numpy as np
 import pytest
 import torch
@@ -32,8 +33,9 @@ def test_nan_and_inf_propagate_like_numpy(device, dtype):
     w2 = np.array([[1.0], [-2.0]])
     h, h_relu, y_np = R.numpy_forward(x, w1, w2)
     expected = R.numpy_backward(x, w1, w2, h, h_relu, np.ones_like(y_np))
-    xt, w1t, w2t = (torch.tensor(a, device=device, dtype=dtype, requires_grad=True)
-                    for a in (x, w1, w2))
+    xt, w1t, w2t = (
+        torch.tensor(a, device=device, dtype=dtype, requires_grad=True) for a in (x, w1, w2)
+    )
     with matmul_precision(False):
         y = tl.two_layer(xt, w1t, w2t)
         y.backward(torch.ones_like(y))
@@ -77,15 +79,22 @@ def test_nan_activation_has_its_sign_bit_cleared(device, dtype):
     _, act = OPS.two_layer_fwd(x, w1, w2, b1, None)
     assert torch.isnan(act[0, :2]).all() and act[0, 2].item() == 0.0
     assert torch.signbit(act).tolist() == [[False, False, True]]
-    grads = OPS.two_layer_bwd(torch.ones(1, 1, dtype=dtype, device=device), x, w1, w2, act,
-                              [False, False, False, True, False])
+    grads = OPS.two_layer_bwd(
+        torch.ones(1, 1, dtype=dtype, device=device),
+        x,
+        w1,
+        w2,
+        act,
+        [False, False, False, True, False],
+    )
     assert grads[3].tolist() == [1.0, 1.0, 0.0]  # grad_b1: only h < 0 blocks it
 
 
 def test_numpy_oracle_relu_mask_at_zero_and_nan():  # the oracle alone: no device, no kernel
     h = np.array([[-1.0, 0.0, -0.0, 2.0, np.nan]])
     g = np.ones_like(h)
-    grads = R.numpy_backward(np.ones((1, 1)), np.ones((1, 5)), np.ones((5, 1)), h,
-                             np.maximum(h, 0), g[:, :1])
+    grads = R.numpy_backward(
+        np.ones((1, 1)), np.ones((1, 5)), np.ones((5, 1)), h, np.maximum(h, 0), g[:, :1]
+    )
     # numpy's grad_h[h < 0] = 0: the gradient passes at 0, -0.0 and NaN.
     np.testing.assert_array_equal(grads["b1"], [0.0, 1.0, 1.0, 1.0, 1.0])

@@ -4,6 +4,7 @@ strided weight in place (same storage), and takes a strided argument in each of 
 (against the numpy oracle). Refused aliasing is tests/test_hostile.py (bad input). Per CPU kernel
 variant, and per device where the test takes one.
 """
+
 import numpy as np
 import pytest
 import torch
@@ -27,8 +28,12 @@ def fwd_bwd(x, w1, w2, b1=None, b2=None):
 
 def test_strided_inputs_give_right_answers(device):
     x, _, params = problem(40, 12, 7, 5, bias=True)
-    ref_y, ref_g = fwd_bwd(*(torch.tensor(a, device=device) for a in
-                             (x, params["w1"], params["w2"], params["b1"], params["b2"])))
+    ref_y, ref_g = fwd_bwd(
+        *(
+            torch.tensor(a, device=device)
+            for a in (x, params["w1"], params["w2"], params["b1"], params["b2"])
+        )
+    )
     # A transposed weight, a sliced batch with a step, a sliced bias.
     w1_t = torch.tensor(params["w1"].T.copy(), device=device).t()
     w2_t = torch.tensor(params["w2"].T.copy(), device=device).t()
@@ -47,12 +52,16 @@ def test_strided_inputs_give_right_answers(device):
 
 
 def test_noncontiguous_and_expanded_grad_outputs(device):
-    x, w1, w2 = (torch.randn(*s, dtype=torch.float64, device=device, requires_grad=True)
-                 for s in ((6, 4), (4, 5), (5, 3)))
+    x, w1, w2 = (
+        torch.randn(*s, dtype=torch.float64, device=device, requires_grad=True)
+        for s in ((6, 4), (4, 5), (5, 3))
+    )
     y = tl.two_layer(x, w1, w2)
     ref = x.mm(w1).clamp(min=0).mm(w2)
-    for grad in (torch.ones(1, 1, dtype=torch.float64, device=device).expand(6, 3),
-                 torch.randn(3, 6, dtype=torch.float64, device=device).t()):
+    for grad in (
+        torch.ones(1, 1, dtype=torch.float64, device=device).expand(6, 3),
+        torch.randn(3, 6, dtype=torch.float64, device=device).t(),
+    ):
         got = torch.autograd.grad(y, (x, w1, w2), grad, retain_graph=True)
         want = torch.autograd.grad(ref, (x, w1, w2), grad, retain_graph=True)
         for a, b in zip(got, want):

@@ -1,5 +1,6 @@
 """The training CLI (python -m twolayer_ext.train) end to end: the table and the JSON hold the
 oracle's numbers, the plot is a PNG, digits learns, and bad input exits 2 with one line."""
+
 import importlib.util
 import json
 import os
@@ -18,8 +19,22 @@ from twolayer_ext.tools import train
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-SMALL = ["--N", "16", "--D-in", "50", "--H", "20", "--D-out", "4", "--steps", "40",
-         "--log-every", "10", "--lr", "1e-4"]
+SMALL = [
+    "--N",
+    "16",
+    "--D-in",
+    "50",
+    "--H",
+    "20",
+    "--D-out",
+    "4",
+    "--steps",
+    "40",
+    "--log-every",
+    "10",
+    "--lr",
+    "1e-4",
+]
 
 
 def table_rows(stdout):
@@ -38,7 +53,11 @@ def test_default_run_is_the_tutorial(tmp_path):
     out, png = tmp_path / "demo.json", tmp_path / "demo.png"
     proc = subprocess.run(
         [sys.executable, "-m", "twolayer_ext.train", "--json", str(out), "--plot", str(png)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""  # no progress bar when stderr is not a terminal
     assert len(proc.stdout.splitlines()) <= 25  # one screen
@@ -74,8 +93,23 @@ def test_default_run_is_the_tutorial(tmp_path):
 def test_small_run_replays_the_oracle(tmp_path, capsys):
     out, weights = tmp_path / "run.json", tmp_path / "w.pt"
     threads = torch.get_num_threads()
-    assert train.main(SMALL + ["--bias", "--reduction", "mean", "--json", str(out),
-                               "--save", str(weights), "--threads", "3"]) == 0
+    assert (
+        train.main(
+            SMALL
+            + [
+                "--bias",
+                "--reduction",
+                "mean",
+                "--json",
+                str(out),
+                "--save",
+                str(weights),
+                "--threads",
+                "3",
+            ]
+        )
+        == 0
+    )
     assert torch.get_num_threads() == threads  # main() leaves the process as it found it
     stdout = capsys.readouterr().out
 
@@ -97,14 +131,14 @@ def test_small_run_replays_the_oracle(tmp_path, capsys):
     rows = table_rows(stdout)
     assert sorted(rows) == [0, 10, 20, 30, 39]
     assert all(len(v) == 5 for v in rows.values())
-    np.testing.assert_allclose([rows[t][0] for t in rows], [expected[t] for t in rows],
-                               rtol=1e-6)
+    np.testing.assert_allclose([rows[t][0] for t in rows], [expected[t] for t in rows], rtol=1e-6)
 
 
 def test_one_backend_float32(tmp_path, capsys):
     out = tmp_path / "run.json"
-    assert train.main(SMALL + ["--backend", "sgd_step", "--dtype", "float32",
-                               "--json", str(out)]) == 0
+    assert (
+        train.main(SMALL + ["--backend", "sgd_step", "--dtype", "float32", "--json", str(out)]) == 0
+    )
     stdout = capsys.readouterr().out
     summary = json.loads(out.read_text())
     assert list(summary["backends"]) == ["sgd_step"]
@@ -136,19 +170,28 @@ def test_every_registry_backend_replays_the_oracle(tmp_path, capsys):
     backends = json.loads(out.read_text())["backends"]
     assert list(backends) == list(train.CHOICES)
     assert {"module", "compile", "ext_autograd", "fused_loss", "sgd_step"} <= set(backends)
-    assert all(f"sgd_step[{k}]" in backends for k in twolayer_ext.CPU_KERNELS
-               if k != B.current_cpu_kernel())
+    assert all(
+        f"sgd_step[{k}]" in backends
+        for k in twolayer_ext.CPU_KERNELS
+        if k != B.current_cpu_kernel()
+    )
     for name, b in backends.items():
-        np.testing.assert_allclose(b["losses"], backends["numpy"]["losses"], rtol=1e-9,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            b["losses"], backends["numpy"]["losses"], rtol=1e-9, err_msg=name
+        )
         assert B.label(name) in stdout
 
 
 @pytest.mark.slow
 def test_diverging_run_stops_with_one_line_and_exit_1():
     """--lr 1e-2 on the tutorial's problem overflows within a few steps."""
-    proc = subprocess.run([sys.executable, "-m", "twolayer_ext.train", "--lr", "1e-2"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "twolayer_ext.train", "--lr", "1e-2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1
     lines = proc.stderr.splitlines()
     assert len(lines) == 1, proc.stderr  # no numpy RuntimeWarning
@@ -157,9 +200,13 @@ def test_diverging_run_stops_with_one_line_and_exit_1():
     assert "nan" not in proc.stdout  # no rows of nan
 
 
-@pytest.mark.parametrize("argv", [["--backend", "sgd_step,fused_loss"],
-                                  pytest.param(["--data", "digits", "--epochs", "1"],
-                                               marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--backend", "sgd_step,fused_loss"],
+        pytest.param(["--data", "digits", "--epochs", "1"], marks=pytest.mark.slow),
+    ],
+)
 def test_diverging_torch_paths_stop_too(argv, tmp_path, capsys, recwarn):
     out = tmp_path / "run.json"
     base = [] if "digits" in argv else SMALL
@@ -204,7 +251,7 @@ BAD = [
     (["--data", "digits", "--backend", "sgd_step"], "--backend"),
     (["--backend", "fused"], "fused"),
     (["--backend", "module+adam"], "module+adam"),  # the comparison trains with SGD
-    (["--backend", "gemm_floor"], "gemm_floor"),    # not a training step
+    (["--backend", "gemm_floor"], "gemm_floor"),  # not a training step
     (["--ddp"], "torchrun"),
     (["--frobnicate"], "--frobnicate"),
     (["--plot", "{tmp}/missing/loss.png"], "does not exist"),
@@ -217,8 +264,9 @@ if "cuda" not in twolayer_ext.available_devices() or not torch.cuda.is_available
     BAD.append((["--device", "cuda"], "--device cuda"))
 
 
-@pytest.mark.parametrize("argv, says", BAD, ids=lambda v: " ".join(v) if isinstance(v, list)
-                         else None)
+@pytest.mark.parametrize(
+    "argv, says", BAD, ids=lambda v: " ".join(v) if isinstance(v, list) else None
+)
 def test_bad_input_exits_2_with_one_line(argv, says, tmp_path, capsys, monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
@@ -226,8 +274,11 @@ def test_bad_input_exits_2_with_one_line(argv, says, tmp_path, capsys, monkeypat
     (tmp_path / "a_dir.png").mkdir()
     before = sorted(tmp_path.rglob("*"))
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    outputs = [] if "--plot" in argv or "--json" in argv else [
-        "--plot", str(tmp_path / "p.png"), "--json", str(tmp_path / "r.json")]
+    outputs = (
+        []
+        if "--plot" in argv or "--json" in argv
+        else ["--plot", str(tmp_path / "p.png"), "--json", str(tmp_path / "r.json")]
+    )
     base = [] if "digits" in argv else SMALL
     assert train.main(base + argv + outputs) == 2
     captured = capsys.readouterr()
@@ -249,19 +300,30 @@ def test_unwritable_plot_folder(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_bad_input_in_a_real_process():
-    proc = subprocess.run([sys.executable, "-m", "twolayer_ext.train", "--N", "-5"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "twolayer_ext.train", "--N", "-5"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert proc.stderr.strip() == (
-        "twolayer_ext.train: error: argument --N: must be a positive integer, got '-5'")
+        "twolayer_ext.train: error: argument --N: must be a positive integer, got '-5'"
+    )
 
 
 def test_digits_without_scikit_learn_names_the_extra(monkeypatch, capsys):
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "sklearn" else find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "sklearn" else find_spec(name, *a),
+    )
     assert train.main(["--data", "digits"]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert err == ["twolayer_ext.train: error: --data digits needs scikit-learn: "
-                   "pip install 'twolayer_ext[digits]'"]
+    assert err == [
+        "twolayer_ext.train: error: --data digits needs scikit-learn: "
+        "pip install 'twolayer_ext[digits]'"
+    ]

@@ -1,6 +1,7 @@
 """Behaviour: auto's choice is measured on this machine the first time a problem class is
 seen, remembered for the process and in the wisdom file, read back by later processes (the
 same picks), and a missing, corrupt, read-only or stale wisdom file never fails a call."""
+
 import json
 import os
 import subprocess
@@ -14,7 +15,8 @@ import twolayer_ext as tl
 
 SHAPE = (96, 200, 64, 8)  # ~5 MFLOP a step: measured, in a few ms
 
-CHILD = textwrap.dedent("""
+CHILD = textwrap.dedent(
+    """
     import json, sys, warnings, torch, twolayer_ext as tl
     warnings.simplefilter("always")
     torch.manual_seed(0)
@@ -25,12 +27,19 @@ CHILD = textwrap.dedent("""
         loss = tl.sgd_step(x, y, w1, w2, lr=1e-3).item()
     print(json.dumps({"info": info, "loss": loss,
                       "warnings": [str(w.message) for w in caught if "twolayer_ext" in str(w.message)]}))
-""" % (SHAPE,))
+"""
+    % (SHAPE,)
+)
 
 
 def child(wisdom, **env):
-    out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "TWOLAYER_WISDOM": str(wisdom), **env})
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TWOLAYER_WISDOM": str(wisdom), **env},
+    )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -87,10 +96,16 @@ def test_bad_wisdom_warns_once_and_measures_again(tmp_path, bad):
     if bad == "corrupt":
         wisdom.write_bytes(b"\x00\xffnot wisdom\n")
     elif bad == "stale":
-        wisdom.write_text("\n".join([lines[0], "identity another CPU | tuned-avx2 | torch 1.0 | build 0",
-                                     *lines[2:]]) + "\n")
+        wisdom.write_text(
+            "\n".join(
+                [lines[0], "identity another CPU | tuned-avx2 | torch 1.0 | build 0", *lines[2:]]
+            )
+            + "\n"
+        )
     else:
-        wisdom.write_text("\n".join([*lines, "step float32 t1 64x64x64x64\t64\tno-such-variant=1"]) + "\n")
+        wisdom.write_text(
+            "\n".join([*lines, "step float32 t1 64x64x64x64\t64\tno-such-variant=1"]) + "\n"
+        )
     got = child(wisdom)
     assert "measured" in got["info"]
     assert len(got["warnings"]) == 1 and "measures its choices again" in got["warnings"][0]
@@ -123,10 +138,25 @@ def test_wisdom_off_writes_nothing(tmp_path):
 @pytest.mark.slow  # the tune CLI in a subprocess
 def test_tune_cli_measures_and_reports(tmp_path):
     out = tmp_path / "tune.json"
-    r = subprocess.run([sys.executable, "-m", "twolayer_ext.tune", "--size", "96,200,64,8",
-                        "--dtype", "float64", "--threads", "1", "--json", str(out)],
-                       capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "TWOLAYER_WISDOM": str(tmp_path / "w.txt")})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "twolayer_ext.tune",
+            "--size",
+            "96,200,64,8",
+            "--dtype",
+            "float64",
+            "--threads",
+            "1",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TWOLAYER_WISDOM": str(tmp_path / "w.txt")},
+    )
     assert r.returncode == 0, r.stderr
     (row,) = json.loads(out.read_text())
     assert row["pick"] in tl.CPU_VARIANTS and row["pick"] == min(row["us"], key=row["us"].get)
@@ -135,6 +165,7 @@ def test_tune_cli_measures_and_reports(tmp_path):
     assert "step float64 t1 128x256x64x8" in (tmp_path / "w.txt").read_text()
     with pytest.raises(SystemExit):
         from twolayer_ext.tools.tune import parse_args
+
         parse_args(["--threads", "0"])
 
 

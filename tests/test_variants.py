@@ -1,4 +1,5 @@
 """The CPU kernel variants: switching, and the portable build a CPU without AVX2 would run."""
+
 import os
 import subprocess
 import sys
@@ -49,8 +50,12 @@ def test_auto_says_what_it_picks_per_shape():
 def test_variants_agree_with_reference(variant):
     torch.manual_seed(0)
     x, y = torch.randn(37, 29, dtype=torch.float64), torch.randn(37, 7, dtype=torch.float64)
-    params = [torch.randn(29, 19, dtype=torch.float64), torch.randn(19, 7, dtype=torch.float64),
-              torch.randn(19, dtype=torch.float64), torch.randn(7, dtype=torch.float64)]
+    params = [
+        torch.randn(29, 19, dtype=torch.float64),
+        torch.randn(19, 7, dtype=torch.float64),
+        torch.randn(19, dtype=torch.float64),
+        torch.randn(7, dtype=torch.float64),
+    ]
     out = {}
     for name in (variant, "reference"):
         p = [t.clone() for t in params]
@@ -65,7 +70,9 @@ def test_variants_agree_with_reference(variant):
 
 
 @pytest.mark.slow  # a subprocess per ISA
-@pytest.mark.parametrize("isa", [k.removeprefix("tuned-") for k in RUNNABLE if k.startswith("tuned-")])
+@pytest.mark.parametrize(
+    "isa", [k.removeprefix("tuned-") for k in RUNNABLE if k.startswith("tuned-")]
+)
 def test_twolayer_isa_forces_the_tuned_build(isa):
     # What a CPU with only that ISA runs (forced by TWOLAYER_ISA), against the numpy oracle; the
     # ISAs this CPU lacks are not generated.
@@ -84,14 +91,20 @@ def test_twolayer_isa_forces_the_tuned_build(isa):
         print("ok")
     """)
     env = dict(os.environ, TWOLAYER_ISA=isa)
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
 
 
 @pytest.mark.slow  # a subprocess
 def test_bad_twolayer_isa_is_a_clear_error():
     code = "import twolayer_ext as tl, torch; tl.two_layer(torch.ones(2, 2), torch.ones(2, 2), torch.ones(2, 2))"
-    r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, TWOLAYER_ISA="sse9"),
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        env=dict(os.environ, TWOLAYER_ISA="sse9"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode != 0 and "TWOLAYER_ISA must be avx512, avx2 or portable" in r.stderr

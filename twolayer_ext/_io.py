@@ -1,4 +1,5 @@
 """Output files written whole: a reader (or a run killed mid-write) never sees half a file."""
+
 import os
 import tempfile
 from pathlib import Path

@@ -1,4 +1,5 @@
 """Loads the compiled ops (twolayer_ext._C) and says what it holds."""
+
 import importlib
 import json
 import os
@@ -29,18 +30,19 @@ def rebuild_command(package_dir: str = PACKAGE_DIR, direct_url: Optional[dict] =
             return f"pip install --no-build-isolation -e {root}   (or: make build, in {root})"
         return f"cd {root} && python setup.py build_ext --inplace   (or: make build)"
     # An installed copy (site-packages): reinstall it from its source, against this torch.
-    return ("pip install --no-build-isolation --no-deps --force-reinstall "
-            + (source or "<the twolayer_ext source folder>"))
+    return "pip install --no-build-isolation --no-deps --force-reinstall " + (
+        source or "<the twolayer_ext source folder>"
+    )
 
 
 def _installed_direct_url() -> Optional[dict]:
     from importlib import metadata
+
     try:
         text = metadata.distribution("twolayer_ext").read_text("direct_url.json")
         return json.loads(text) if text else None
     except (metadata.PackageNotFoundError, ValueError):
         return None
-
 
 
 def _import_build_info() -> Optional[ModuleType]:
@@ -86,5 +88,8 @@ BUILD_INFO: Dict[str, Optional[str]] = {
 def available_devices() -> List[str]:
     """Device types that have kernels in this build, e.g. ['cpu'] or ['cpu', 'cuda']."""
     has = torch._C._dispatch_has_kernel_for_dispatch_key
-    return [dev for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))
-            if has("twolayer_ext::two_layer_fwd", key)]
+    return [
+        dev
+        for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+        if has("twolayer_ext::two_layer_fwd", key)
+    ]

@@ -6,6 +6,7 @@ The common case, x batched and the weights shared, folds the batch into the rows
 for the whole batch. Anything else (per-sample weights, a batched backward) runs the op once
 per sample and stacks the results: the same numbers as a Python loop over the batch, which is
 what the tests check."""
+
 import torch
 
 _ops = torch.ops.twolayer_ext
@@ -13,17 +14,23 @@ _ops = torch.ops.twolayer_ext
 
 def _per_sample(op):
     """A rule that calls `op` on each sample and stacks every tensor output along dim 0."""
+
     def rule(info, in_dims, *args):
         results = []
         for b in range(info.batch_size):
-            sample = [a.select(d, b) if isinstance(a, torch.Tensor) and d is not None else a
-                      for a, d in zip(args, in_dims)]
+            sample = [
+                a.select(d, b) if isinstance(a, torch.Tensor) and d is not None else a
+                for a, d in zip(args, in_dims)
+            ]
             results.append(op(*sample))
         if isinstance(results[0], torch.Tensor):
             return torch.stack(results), 0
-        outs = tuple(None if r0 is None else torch.stack([r[i] for r in results])
-                     for i, r0 in enumerate(results[0]))
+        outs = tuple(
+            None if r0 is None else torch.stack([r[i] for r in results])
+            for i, r0 in enumerate(results[0])
+        )
         return outs, tuple(None if o is None else 0 for o in outs)
+
     return rule
 
 
@@ -45,12 +52,13 @@ def _l2_loss_bwd_rule(info, in_dims, grad_loss, grad):
 
 
 for _name, _rule in (
-        ("two_layer", _two_layer_rule),
-        ("l2_loss", _per_sample(_ops.l2_loss.default)),
-        ("two_layer_l2_loss", _per_sample(_ops.two_layer_l2_loss.default)),
-        ("two_layer_fwd", _per_sample(_ops.two_layer_fwd.default)),
-        ("two_layer_bwd", _per_sample(_ops.two_layer_bwd.default)),
-        ("l2_loss_fwd", _per_sample(_ops.l2_loss_fwd.default)),
-        ("l2_loss_bwd", _l2_loss_bwd_rule),
-        ("two_layer_l2_loss_fwd", _per_sample(_ops.two_layer_l2_loss_fwd.default))):
+    ("two_layer", _two_layer_rule),
+    ("l2_loss", _per_sample(_ops.l2_loss.default)),
+    ("two_layer_l2_loss", _per_sample(_ops.two_layer_l2_loss.default)),
+    ("two_layer_fwd", _per_sample(_ops.two_layer_fwd.default)),
+    ("two_layer_bwd", _per_sample(_ops.two_layer_bwd.default)),
+    ("l2_loss_fwd", _per_sample(_ops.l2_loss_fwd.default)),
+    ("l2_loss_bwd", _l2_loss_bwd_rule),
+    ("two_layer_l2_loss_fwd", _per_sample(_ops.two_layer_l2_loss_fwd.default)),
+):
     torch.library.register_vmap(f"twolayer_ext::{_name}", _rule)

@@ -1,4 +1,5 @@
 """`python -m twolayer_ext.bench`: runs twolayer_ext.tools.bench, as `python -m twolayer_ext.tools.bench`."""
+
 import runpy
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """`python -m twolayer_ext.gemm_bench`: runs twolayer_ext.tools.gemm_bench, as `python -m twolayer_ext.tools.gemm_bench`."""
+
 import runpy
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """TwoLayerNet: an nn.Module over the fused ops, interchangeable with
 nn.Sequential(nn.Linear, nn.ReLU, nn.Linear)."""
+
 from __future__ import annotations
 
 import math
@@ -28,8 +29,16 @@ class TwoLayerNet(nn.Module):
     nn.Sequential itself.
     """
 
-    def __init__(self, D_in: int, H: int, D_out: int, bias: bool = True, *,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        D_in: int,
+        H: int,
+        D_out: int,
+        bias: bool = True,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
         """D_in, H, D_out: the layer widths (positive ints); bias: both layers get one, or
         neither; device, dtype: where the parameters live (as nn.Linear)."""
         super().__init__()
@@ -89,8 +98,9 @@ class TwoLayerNet(nn.Module):
         The default is "mean", as nn.MSELoss()'s, so the module replaces nn.Sequential +
         nn.MSELoss() as it is; the tutorial's sum of squares is reduction="sum" (a gradient
         N * D_out times larger)."""
-        return two_layer_l2_loss(x, target, self.w1, self.w2, self.bias1, self.bias2,
-                                 reduction=reduction)
+        return two_layer_l2_loss(
+            x, target, self.w1, self.w2, self.bias1, self.bias2, reduction=reduction
+        )
 
     def sgd_step(self, x: Tensor, target: Tensor, lr: float, reduction: str = "sum") -> Tensor:
         """One fused SGD step on this module's weights (see twolayer_ext.sgd_step); returns the
@@ -108,21 +118,37 @@ class TwoLayerNet(nn.Module):
     def from_sequential(cls, seq: nn.Module) -> TwoLayerNet:
         """From nn.Sequential(nn.Linear(D_in, H), nn.ReLU(), nn.Linear(H, D_out))."""
         layers = list(seq.children()) if isinstance(seq, nn.Module) else None
-        if (layers is None or len(layers) != 3 or not isinstance(layers[0], nn.Linear)
-                or not isinstance(layers[1], nn.ReLU) or not isinstance(layers[2], nn.Linear)):
-            raise TypeError("TwoLayerNet.from_sequential: seq must be "
-                            "nn.Sequential(nn.Linear, nn.ReLU, nn.Linear), got "
-                            f"{type(seq).__name__}: {seq!r}")
+        if (
+            layers is None
+            or len(layers) != 3
+            or not isinstance(layers[0], nn.Linear)
+            or not isinstance(layers[1], nn.ReLU)
+            or not isinstance(layers[2], nn.Linear)
+        ):
+            raise TypeError(
+                "TwoLayerNet.from_sequential: seq must be "
+                "nn.Sequential(nn.Linear, nn.ReLU, nn.Linear), got "
+                f"{type(seq).__name__}: {seq!r}"
+            )
         lin1, lin2 = cast(nn.Linear, layers[0]), cast(nn.Linear, layers[2])  # checked above
         if lin2.in_features != lin1.out_features:
-            raise ValueError(f"TwoLayerNet.from_sequential: the second Linear must take "
-                             f"{lin1.out_features} inputs, got {lin2.in_features}")
+            raise ValueError(
+                f"TwoLayerNet.from_sequential: the second Linear must take "
+                f"{lin1.out_features} inputs, got {lin2.in_features}"
+            )
         if (lin1.bias is None) != (lin2.bias is None):
-            raise ValueError("TwoLayerNet.from_sequential: both Linear layers must have a bias, "
-                             "or neither")
+            raise ValueError(
+                "TwoLayerNet.from_sequential: both Linear layers must have a bias, or neither"
+            )
         w = lin1.weight
-        net = cls(lin1.in_features, lin1.out_features, lin2.out_features,
-                  bias=lin1.bias is not None, device=w.device, dtype=w.dtype)
+        net = cls(
+            lin1.in_features,
+            lin1.out_features,
+            lin2.out_features,
+            bias=lin1.bias is not None,
+            device=w.device,
+            dtype=w.dtype,
+        )
         net.load_state_dict(seq.state_dict())
         return net
 
@@ -130,15 +156,23 @@ class TwoLayerNet(nn.Module):
         """An equal nn.Sequential(nn.Linear, nn.ReLU, nn.Linear) holding copies of the weights."""
         kw = {"device": self.weight1.device, "dtype": self.weight1.dtype}
         bias = self.bias1 is not None
-        seq = nn.Sequential(nn.Linear(self.D_in, self.H, bias=bias, **kw), nn.ReLU(),
-                            nn.Linear(self.H, self.D_out, bias=bias, **kw))
+        seq = nn.Sequential(
+            nn.Linear(self.D_in, self.H, bias=bias, **kw),
+            nn.ReLU(),
+            nn.Linear(self.H, self.D_out, bias=bias, **kw),
+        )
         seq.load_state_dict({_SEQUENTIAL_KEYS[k]: v for k, v in self.state_dict().items()})
         return seq
 
 
 # Our parameter names -> nn.Sequential's keys (the same tensors, the same layout) and the
 # tutorial-layout keys (w1, w2 transposed).
-_SEQUENTIAL_KEYS = {"weight1": "0.weight", "bias1": "0.bias", "weight2": "2.weight", "bias2": "2.bias"}
+_SEQUENTIAL_KEYS = {
+    "weight1": "0.weight",
+    "bias1": "0.bias",
+    "weight2": "2.weight",
+    "bias2": "2.bias",
+}
 _TUTORIAL_KEYS = {"weight1": "w1", "bias1": "b1", "weight2": "w2", "bias2": "b2"}
 
 
@@ -151,11 +185,17 @@ def _accept_other_layouts(state_dict: MutableMapping[str, Any], prefix: str, *_a
     for keys, transpose in ((_SEQUENTIAL_KEYS, False), (_TUTORIAL_KEYS, True)):
         if not any(prefix + k in state_dict for k in keys.values()):
             continue
-        if any(prefix + k in state_dict for other in (_SEQUENTIAL_KEYS, _TUTORIAL_KEYS)
-               if other is not keys for k in other.values()):
+        if any(
+            prefix + k in state_dict
+            for other in (_SEQUENTIAL_KEYS, _TUTORIAL_KEYS)
+            if other is not keys
+            for k in other.values()
+        ):
             return
         for name, key in keys.items():
             if prefix + key in state_dict:
                 value = state_dict.pop(prefix + key)
-                state_dict[prefix + name] = value.t() if transpose and name.startswith("weight") else value
+                state_dict[prefix + name] = (
+                    value.t() if transpose and name.startswith("weight") else value
+                )
         return

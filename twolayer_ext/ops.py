@@ -1,5 +1,6 @@
 """Python face of the custom ops: the public functions, their fake (meta) kernels
 for torch.compile, and their autograd formulas. The kernels are in csrc/."""
+
 from __future__ import annotations
 
 import contextlib
@@ -30,13 +31,16 @@ def _require_tensor(fn, name, value, optional=False):
 
 # ---- public functions ------------------------------------------------------------------------
 
+
 def _rows(fn, x, name="x", layout="[*, D_in]"):
     """x [*, D] as [N, D] (a view wherever the strides allow, as nn.Linear does), and how to
     shape a [N, D_out] result back: [*, D_out]."""
     if x.dim() == 2:
         return x, None
     if x.dim() == 0:
-        raise ValueError(f"{fn}: {name} must have at least one dimension {layout}, got a 0-dim tensor")
+        raise ValueError(
+            f"{fn}: {name} must have at least one dimension {layout}, got a 0-dim tensor"
+        )
     return x.reshape(-1, x.shape[-1]), x.shape[:-1]
 
 
@@ -50,14 +54,19 @@ def _target_rows(fn, x, lead, target, w2):
         return target
     x_lead = list(x.shape[:-1]) if lead is None else list(lead)
     if target.dim() == 0 or list(target.shape[:-1]) != x_lead:
-        expected = x_lead + ([w2.shape[-1]] if isinstance(w2, Tensor) and w2.dim() == 2 else ["D_out"])
-        raise ValueError(f"{fn}: target must have shape [*, D_out] = {expected} (x's leading "
-                         f"dimensions, then D_out), got {list(target.shape)}")
+        expected = x_lead + (
+            [w2.shape[-1]] if isinstance(w2, Tensor) and w2.dim() == 2 else ["D_out"]
+        )
+        raise ValueError(
+            f"{fn}: target must have shape [*, D_out] = {expected} (x's leading "
+            f"dimensions, then D_out), got {list(target.shape)}"
+        )
     return target.reshape(-1, target.shape[-1])
 
 
-def two_layer(x: Tensor, w1: Tensor, w2: Tensor, b1: Tensor | None = None,
-              b2: Tensor | None = None) -> Tensor:
+def two_layer(
+    x: Tensor, w1: Tensor, w2: Tensor, b1: Tensor | None = None, b2: Tensor | None = None
+) -> Tensor:
     """y = relu(x @ w1 + b1) @ w2 + b2, fused; differentiable in every tensor argument.
 
     x [*, D_in] (any leading dimensions, as nn.Linear), w1 [D_in, H], w2 [H, D_out], b1 [H] or
@@ -84,8 +93,16 @@ def l2_loss(pred: Tensor, target: Tensor, reduction: str = "sum") -> Tensor:
     return _ops.l2_loss.default(pred, target, reduction)
 
 
-def two_layer_l2_loss(x: Tensor, target: Tensor, w1: Tensor, w2: Tensor, b1: Tensor | None = None,
-                      b2: Tensor | None = None, *, reduction: str = "sum") -> Tensor:
+def two_layer_l2_loss(
+    x: Tensor,
+    target: Tensor,
+    w1: Tensor,
+    w2: Tensor,
+    b1: Tensor | None = None,
+    b2: Tensor | None = None,
+    *,
+    reduction: str = "sum",
+) -> Tensor:
     """l2_loss(two_layer(x, w1, w2, b1, b2), target, reduction) in one op call.
 
     When autograd will need them, the same call computes the gradients of every input that
@@ -156,6 +173,7 @@ def use_cpu_kernel(name: str) -> Iterator[None]:
 # one source of checks and messages), so a bad call fails alike on meta tensors, under
 # torch.compile and in eager mode; then it computes the output metadata.
 
+
 @torch.library.register_fake("twolayer_ext::two_layer_fwd")
 def _two_layer_fwd_fake(x, w1, w2, b1, b2):
     _ops.two_layer_fwd_check.default(x, w1, w2, b1, b2)
@@ -201,14 +219,21 @@ def _l2_loss_bwd_fake(grad_loss, grad):
 
 
 @torch.library.register_fake("twolayer_ext::two_layer_l2_loss_fwd")
-def _two_layer_l2_loss_fwd_fake(x, target, w1, w2, b1, b2, reduction, output_mask,
-                                grad_transposed=(False, False)):
-    _ops.two_layer_l2_loss_fwd_check.default(x, target, w1, w2, b1, b2, reduction, output_mask,
-                                             grad_transposed)
+def _two_layer_l2_loss_fwd_fake(
+    x, target, w1, w2, b1, b2, reduction, output_mask, grad_transposed=(False, False)
+):
+    _ops.two_layer_l2_loss_fwd_check.default(
+        x, target, w1, w2, b1, b2, reduction, output_mask, grad_transposed
+    )
     transposed = [False, False, *grad_transposed, False, False]
-    grads = [None if t is None or not want else
-             t.new_empty((t.shape[1], t.shape[0])).t() if flip else t.new_empty(t.shape)
-             for t, want, flip in zip((x, target, w1, w2, b1, b2), output_mask, transposed)]
+    grads = [
+        None
+        if t is None or not want
+        else t.new_empty((t.shape[1], t.shape[0])).t()
+        if flip
+        else t.new_empty(t.shape)
+        for t, want, flip in zip((x, target, w1, w2, b1, b2), output_mask, transposed)
+    ]
     return (x.new_empty(()), *grads)
 
 
@@ -219,8 +244,18 @@ def _two_layer_l2_loss_fake(x, target, w1, w2, b1=None, b2=None, reduction="sum"
 
 # ---- one-call SGD step ----------------------------------------------------------------------
 
-def sgd_step(x: Tensor, target: Tensor, w1: Tensor, w2: Tensor, b1: Tensor | None = None,
-             b2: Tensor | None = None, *, lr: float, reduction: str = "sum") -> Tensor:
+
+def sgd_step(
+    x: Tensor,
+    target: Tensor,
+    w1: Tensor,
+    w2: Tensor,
+    b1: Tensor | None = None,
+    b2: Tensor | None = None,
+    *,
+    lr: float,
+    reduction: str = "sum",
+) -> Tensor:
     """One SGD step in one op call: forward, l2 loss, backward, and w -= lr * grad in place
     for w1, w2 and the biases given. Returns the loss before the update (0-dim, no grad).
 
@@ -254,7 +289,8 @@ def _sgd_step(x, target, w1, w2, b1, b2, lr, reduction, update):
                 raise RuntimeError(
                     f"sgd_step: {name} is a non-leaf tensor inside an autograd graph; updating "
                     f"it in place would corrupt that graph. Pass the leaf parameter, or call "
-                    f"under torch.no_grad() on tensors you own")
+                    f"under torch.no_grad() on tensors you own"
+                )
     _require_reduction("sgd_step", reduction)
     x2, lead = _rows("sgd_step", x)
     t2 = _target_rows("sgd_step", x, lead, target, w2)

@@ -9,14 +9,16 @@ backends. Biases are optional (the tutorial has none); `reduction` is "sum"
 Parameters travel as a dict {"w1", "w2", "b1", "b2"} (biases may be None);
 the SGD steps update it in place and return the loss before the update.
 """
+
 import numpy as np
 import torch
 
 PARAM_NAMES = ("w1", "w2", "b1", "b2")
 
 
-def tutorial_data(N=64, D_in=1000, H=100, D_out=10, *, seed=0, bias=False, dtype=np.float64,
-                  weight_scale=1.0):
+def tutorial_data(
+    N=64, D_in=1000, H=100, D_out=10, *, seed=0, bias=False, dtype=np.float64, weight_scale=1.0
+):
     """The tutorial's problem: x, y and the weights drawn with randn (numpy arrays).
 
     weight_scale=1 is the tutorial's unscaled draw; biases, when asked for, are randn too.
@@ -39,6 +41,7 @@ def _check_reduction(reduction):
 
 
 # ---- numpy, hand-written backprop (tutorial cell 1) ---------------------------------------
+
 
 def numpy_forward(x, w1, w2, b1=None, b2=None):
     """Returns (h, h_relu, y_pred)."""
@@ -82,8 +85,9 @@ def numpy_backward(x, w1, w2, h, h_relu, grad_y_pred):
 def numpy_sgd_step(x, y, params, lr, reduction="sum"):
     h, h_relu, y_pred = numpy_forward(x, params["w1"], params["w2"], params["b1"], params["b2"])
     loss = numpy_loss(y_pred, y, reduction)
-    grads = numpy_backward(x, params["w1"], params["w2"], h, h_relu,
-                           numpy_loss_grad(y_pred, y, reduction))
+    grads = numpy_backward(
+        x, params["w1"], params["w2"], h, h_relu, numpy_loss_grad(y_pred, y, reduction)
+    )
     for name in PARAM_NAMES:
         if params[name] is not None:
             params[name] -= lr * grads[name]
@@ -91,6 +95,7 @@ def numpy_sgd_step(x, y, params, lr, reduction="sum"):
 
 
 # ---- torch, hand-written backprop (tutorial cell 2) ---------------------------------------
+
 
 def manual_forward(x, w1, w2, b1=None, b2=None):
     """Returns (h, h_relu, y_pred)."""
@@ -132,6 +137,7 @@ def manual_sgd_step(x, y, params, lr, reduction="sum"):
 
 
 # ---- torch autograd (tutorial cell 4, fixed) -----------------------------------------------
+
 
 def autograd_forward(x, w1, w2, b1=None, b2=None):
     h = x.mm(w1)

@@ -1,4 +1,5 @@
 """`python -m twolayer_ext.routes`: runs twolayer_ext.tools.routes, as `python -m twolayer_ext.tools.routes`."""
+
 import runpy
 
 if __name__ == "__main__":

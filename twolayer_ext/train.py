@@ -1,4 +1,5 @@
 """`python -m twolayer_ext.train`: runs twolayer_ext.tools.train, as `python -m twolayer_ext.tools.train`."""
+
 import runpy
 
 if __name__ == "__main__":

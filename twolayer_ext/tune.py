@@ -1,4 +1,5 @@
 """`python -m twolayer_ext.tune`: runs twolayer_ext.tools.tune, as `python -m twolayer_ext.tools.tune`."""
+
 import runpy
 
 if __name__ == "__main__":

@@ -83,21 +83,24 @@ class OneBlasThread {
 // out = alpha * a @ b, or with accumulate out += alpha * a @ b, in row chunks on our threads.
 // The chunks depend on the shape only: at least tuning::kBlasChunkFlops each, at most
 // tuning::kBlasMaxChunks, rows a multiple of 16.
-inline void mm_rows(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
-                    double alpha, bool accumulate) {
+inline void mm_rows(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double alpha,
+                    bool accumulate) {
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
   const double flops = 2.0 * double(M) * double(K) * double(N);
-  const int64_t chunks = std::clamp<int64_t>(int64_t(flops / tuning::kBlasChunkFlops), 1,
-                                             tuning::kBlasMaxChunks);
+  const int64_t chunks =
+      std::clamp<int64_t>(int64_t(flops / tuning::kBlasChunkFlops), 1, tuning::kBlasMaxChunks);
   const int64_t rows = std::max<int64_t>(16, ((M + chunks - 1) / chunks + 15) / 16 * 16);
   auto run = [&](int64_t i0, int64_t i1) {
     const OneBlasThread one;
     for (int64_t r0 = i0 * rows; r0 < std::min(M, i1 * rows); r0 += rows) {
       const int64_t n = std::min(rows, M - r0);
       at::Tensor o = out.narrow(0, r0, n);
-      if (accumulate) o.addmm_(a.narrow(0, r0, n), b, 1.0, alpha);
-      else if (alpha == 1.0) at::mm_out(o, a.narrow(0, r0, n), b);
-      else at::addmm_out(o, o, a.narrow(0, r0, n), b, /*beta=*/0.0, alpha);
+      if (accumulate)
+        o.addmm_(a.narrow(0, r0, n), b, 1.0, alpha);
+      else if (alpha == 1.0)
+        at::mm_out(o, a.narrow(0, r0, n), b);
+      else
+        at::addmm_out(o, o, a.narrow(0, r0, n), b, /*beta=*/0.0, alpha);
     }
   };
   parallel_for(0, (M + rows - 1) / rows, 1, run);

@@ -103,9 +103,9 @@ struct Sink {
 
 struct StepOutputs {
   bool mean = false;
-  double lr = 0.0;                  // for the sinks' weights
-  OptTensor grad_x, grad_target;    // allocated by the caller
-  std::array<Sink, 4> sinks;        // w1, w2, b1, b2
+  double lr = 0.0;                // for the sinks' weights
+  OptTensor grad_x, grad_target;  // allocated by the caller
+  std::array<Sink, 4> sinks;      // w1, w2, b1, b2
 };
 
 // Forward, L2 loss and the gradients `s` asks for, all at the weights as they were on entry:
@@ -124,16 +124,18 @@ typename P::Loss step(const at::Tensor& x, const at::Tensor& target, const at::T
   const L2Loss l2{double(N) * double(D_out), s.mean};
   const bool deferred = defers_mean(x.scalar_type());
   // y becomes grad_y in place (each element read before it is written).
-  const auto loss = P::squared_error(y, *target.expect_contiguous(),
-                                     need_grad_y ? OptTensor(y) : std::nullopt,
-                                     l2.grad_y_scale(deferred), l2);
+  const auto loss =
+      P::squared_error(y, *target.expect_contiguous(), need_grad_y ? OptTensor(y) : std::nullopt,
+                       l2.grad_y_scale(deferred), l2);
   if (!need_grad_y) return loss;
   const at::Tensor& gy = y;
   const double scale = l2.consumer_scale(deferred);
 
   if (s.grad_target) {
-    if (scale == 1.0) at::neg_out(const_cast<at::Tensor&>(*s.grad_target), gy);
-    else at::mul_out(const_cast<at::Tensor&>(*s.grad_target), gy, -scale);
+    if (scale == 1.0)
+      at::neg_out(const_cast<at::Tensor&>(*s.grad_target), gy);
+    else
+      at::mul_out(const_cast<at::Tensor&>(*s.grad_target), gy, -scale);
   }
   at::Tensor grad_h;
   if (hidden) grad_h = hidden_grad<P>(gy, w2, act);  // reads w2 before its update
@@ -158,9 +160,12 @@ typename P::Loss step(const at::Tensor& x, const at::Tensor& target, const at::T
   auto bias = [&](const Sink& k, const at::Tensor& g) {
     if (!k.wanted()) return;
     const at::Tensor sums = P::column_sums(g);
-    if (k.store.defined()) k.store.copy_(scale == 1.0 ? sums : at::mul(sums, scale));
-    else if (P::kUpdatesLast) pending.push_back({k.weight, sums, -s.lr * scale});
-    else P::axpy_(k.weight, sums, -s.lr * scale);
+    if (k.store.defined())
+      k.store.copy_(scale == 1.0 ? sums : at::mul(sums, scale));
+    else if (P::kUpdatesLast)
+      pending.push_back({k.weight, sums, -s.lr * scale});
+    else
+      P::axpy_(k.weight, sums, -s.lr * scale);
   };
   matrix(sw2, act.t(), gy);
   bias(sb2, gy);
@@ -236,8 +241,13 @@ FusedLossGrads two_layer_l2_loss_fwd(const Dims& d, const at::Tensor& x, const a
   if (need_b2 && b2) s.sinks[3].store = at::empty({d.D_out}, opts);
   const auto loss = step<P>(x, target, w1, w2, b1, b2, s);
   auto opt = [](const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; };
-  return {P::loss_tensor(loss, opts), s.grad_x, s.grad_target, opt(s.sinks[0].store),
-          opt(s.sinks[1].store), opt(s.sinks[2].store), opt(s.sinks[3].store)};
+  return {P::loss_tensor(loss, opts),
+          s.grad_x,
+          s.grad_target,
+          opt(s.sinks[0].store),
+          opt(s.sinks[1].store),
+          opt(s.sinks[2].store),
+          opt(s.sinks[3].store)};
 }
 
 template <class P>

@@ -61,8 +61,10 @@ composite::Sink matrix_sink(const GradOut<T>& out, int64_t rows, int64_t cols) {
 template <typename T>
 composite::Sink bias_sink(const GradOut<T>& out, int64_t n) {
   composite::Sink k;
-  if (out.store) k.store = *vector_tensor<T>(out.store, n, 1);
-  else if (out.update.p) k.weight = *vector_tensor<T>(out.update.p, n, out.update.cs);
+  if (out.store)
+    k.store = *vector_tensor<T>(out.store, n, 1);
+  else if (out.update.p)
+    k.weight = *vector_tensor<T>(out.update.p, n, out.update.cs);
   return k;
 }
 
@@ -85,8 +87,8 @@ void backward(const BackwardArgs<T>& a) {
   const OptTensor x = a.grad_w1 ? OptTensor(as_tensor(a.x, d.N, d.D_in)) : std::nullopt;
   const OptTensor w1 = a.grad_x ? OptTensor(as_tensor(a.w1, d.D_in, d.H)) : std::nullopt;
   composite::backward<CompositePolicy<kGemms>>(as_tensor(a.grad_y, d.N, d.D_out), x, w1,
-                                                as_tensor(a.w2, d.H, d.D_out),
-                                                row_major_tensor<T>(a.act, d.N, d.H), g);
+                                               as_tensor(a.w2, d.H, d.D_out),
+                                               row_major_tensor<T>(a.act, d.N, d.H), g);
 }
 
 template <Gemms kGemms, typename T>
@@ -101,28 +103,28 @@ double step(const StepArgs<T>& s) {
   o.sinks = {matrix_sink(s.gw1, d.D_in, d.H), matrix_sink(s.gw2, d.H, d.D_out),
              bias_sink(s.gb1, d.H), bias_sink(s.gb2, d.D_out)};
   return composite::step<CompositePolicy<kGemms>>(
-      as_tensor(s.x, d.N, d.D_in), as_tensor(s.target, d.N, d.D_out),
-      as_tensor(s.w1, d.D_in, d.H), as_tensor(s.w2, d.H, d.D_out),
-      vector_tensor(s.b1.p, d.H, s.b1.stride), vector_tensor(s.b2.p, d.D_out, s.b2.stride), o);
+      as_tensor(s.x, d.N, d.D_in), as_tensor(s.target, d.N, d.D_out), as_tensor(s.w1, d.D_in, d.H),
+      as_tensor(s.w2, d.H, d.D_out), vector_tensor(s.b1.p, d.H, s.b1.stride),
+      vector_tensor(s.b2.p, d.D_out, s.b2.stride), o);
 }
 
 }  // namespace
 
-#define TWOLAYER_COMPOSITE_VARIANT(ns, gemms)                                          \
-  namespace ns {                                                                       \
-  template <typename T>                                                                \
-  void forward(const ForwardArgs<T>& a) {                                              \
-    cpu::forward<gemms>(a);                                                            \
-  }                                                                                    \
-  template <typename T>                                                                \
-  void backward(const BackwardArgs<T>& a) {                                            \
-    cpu::backward<gemms>(a);                                                           \
-  }                                                                                    \
-  template <typename T>                                                                \
-  double step(const StepArgs<T>& s) {                                                  \
-    return cpu::step<gemms>(s);                                                        \
-  }                                                                                    \
-  TWOLAYER_INSTANTIATE_VARIANT                                                         \
+#define TWOLAYER_COMPOSITE_VARIANT(ns, gemms) \
+  namespace ns {                              \
+  template <typename T>                       \
+  void forward(const ForwardArgs<T>& a) {     \
+    cpu::forward<gemms>(a);                   \
+  }                                           \
+  template <typename T>                       \
+  void backward(const BackwardArgs<T>& a) {   \
+    cpu::backward<gemms>(a);                  \
+  }                                           \
+  template <typename T>                       \
+  double step(const StepArgs<T>& s) {         \
+    return cpu::step<gemms>(s);               \
+  }                                           \
+  TWOLAYER_INSTANTIATE_VARIANT                \
   }
 
 TWOLAYER_COMPOSITE_VARIANT(blas, Gemms::RowChunks)

@@ -98,20 +98,23 @@ struct StepArgs {
 
 // The kernels every CPU variant provides (a namespace per variant; the table that
 // names them is in variants.cpp).
-#define TWOLAYER_DECLARE_VARIANT(ns)                           \
-  namespace ns {                                               \
-  template <typename T> void forward(const ForwardArgs<T>& a); \
-  template <typename T> void backward(const BackwardArgs<T>& a); \
-  template <typename T> double step(const StepArgs<T>& a);     \
+#define TWOLAYER_DECLARE_VARIANT(ns)       \
+  namespace ns {                           \
+  template <typename T>                    \
+  void forward(const ForwardArgs<T>& a);   \
+  template <typename T>                    \
+  void backward(const BackwardArgs<T>& a); \
+  template <typename T>                    \
+  double step(const StepArgs<T>& a);       \
   }
 
 // Inside a variant's namespace, after its templates: their float and double builds.
-#define TWOLAYER_INSTANTIATE_VARIANT                                                       \
-  template void forward<float>(const ForwardArgs<float>&);                                 \
-  template void forward<double>(const ForwardArgs<double>&);                               \
-  template void backward<float>(const BackwardArgs<float>&);                               \
-  template void backward<double>(const BackwardArgs<double>&);                             \
-  template double step<float>(const StepArgs<float>&);                                     \
+#define TWOLAYER_INSTANTIATE_VARIANT                           \
+  template void forward<float>(const ForwardArgs<float>&);     \
+  template void forward<double>(const ForwardArgs<double>&);   \
+  template void backward<float>(const BackwardArgs<float>&);   \
+  template void backward<double>(const BackwardArgs<double>&); \
+  template double step<float>(const StepArgs<float>&);         \
   template double step<double>(const StepArgs<double>&);
 
 // The sum of squares of (p - t) over n contiguous elements, in double, the same

@@ -96,7 +96,8 @@ class Pool {
  private:
   void grow(int workers) {
     // Never joined nor destroyed: the workers live as long as the process.
-    while (int(threads_.size()) < workers) threads_.push_back(new std::thread([this] { worker(); }));
+    while (int(threads_.size()) < workers)
+      threads_.push_back(new std::thread([this] { worker(); }));
   }
 
   void worker() {

@@ -58,7 +58,8 @@ void backward(const BackwardArgs<T>& a) {
   if (a.grad_b2)  // grad_y may be strided: summed through its view
     for (int64_t j = 0; j < d.D_out; ++j) {
       a.grad_b2[j] = T(0);
-      for (int64_t i = 0; i < d.N; ++i) a.grad_b2[j] += a.grad_y.p[i * a.grad_y.rs + j * a.grad_y.cs];
+      for (int64_t i = 0; i < d.N; ++i)
+        a.grad_b2[j] += a.grad_y.p[i * a.grad_y.rs + j * a.grad_y.cs];
     }
   if (!a.grad_x && !a.grad_w1 && !a.grad_b1) return;
   std::vector<T> grad_h(d.N * d.H);
@@ -81,12 +82,15 @@ double step(const StepArgs<T>& s) {
   std::vector<T> gw1(d.D_in * d.H), gw2(d.H * d.D_out), gb1(d.H), gb2(d.D_out);
   forward<T>({d, s.x, s.w1, s.w2, s.b1, s.b2, act.data(), y.data()});
   for (int64_t i = 0; i < d.N; ++i)
-    for (int64_t j = 0; j < d.D_out; ++j) t[i * d.D_out + j] = s.target.p[i * s.target.rs + j * s.target.cs];
+    for (int64_t j = 0; j < d.D_out; ++j)
+      t[i * d.D_out + j] = s.target.p[i * s.target.rs + j * s.target.cs];
   const L2Loss l2{double(ny), s.mean};
   const double total =
       squared_error_sum<T>(y.data(), t.data(), grad_y.data(), T(l2.grad_scale()), ny);
   if (s.wants_any_grad()) {
-    auto want = [](const GradOut<T>& o, std::vector<T>& g) { return o.wanted() ? g.data() : nullptr; };
+    auto want = [](const GradOut<T>& o, std::vector<T>& g) {
+      return o.wanted() ? g.data() : nullptr;
+    };
     backward<T>({d, row_major<T>(grad_y.data(), d.D_out), s.x, s.w1, s.w2, act.data(), s.grad_x,
                  want(s.gw1, gw1), want(s.gw2, gw2), want(s.gb1, gb1), want(s.gb2, gb2)});
     if (s.grad_target)

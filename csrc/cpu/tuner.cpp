@@ -39,7 +39,8 @@ namespace twolayer::cpu::tuner {
 namespace {
 
 double step_flops(const Dims& d) {
-  return 4.0 * double(d.N) * double(d.D_in) * double(d.H) + 6.0 * double(d.N) * double(d.H) * double(d.D_out);
+  return 4.0 * double(d.N) * double(d.D_in) * double(d.H) +
+         6.0 * double(d.N) * double(d.H) * double(d.D_out);
 }
 
 int64_t pow2_ceil(int64_t v) {
@@ -82,7 +83,8 @@ std::string describe(const Entry& e) {
     os << (i ? ", " : " ") << variant_at(e.us[i].first).name << " " << std::llround(e.us[i].second)
        << " us";
   for (size_t i = 0; i < e.screened_out.size(); ++i)
-    os << (i ? ", " : "; screened out (over the drop ratio): ") << variant_at(e.screened_out[i]).name;
+    os << (i ? ", " : "; screened out (over the drop ratio): ")
+       << variant_at(e.screened_out[i]).name;
   if (e.source == "measured") os << " (measuring took " << std::llround(e.cost_ms) << " ms)";
   return os.str();
 }
@@ -183,7 +185,8 @@ void load_wisdom() {
     std::string key, rows, times;
     Entry e;
     e.source = "wisdom";
-    bool ok = std::getline(ls, key, '\t') && std::getline(ls, rows, '\t') && std::getline(ls, times);
+    bool ok =
+        std::getline(ls, key, '\t') && std::getline(ls, rows, '\t') && std::getline(ls, times);
     try {
       if (ok) e.rows = std::stoll(rows);
       std::istringstream ts(times);
@@ -267,12 +270,14 @@ Entry measure(const Dims& full, bool at_full_size) {
   const at::Tensor w1 = at::randn({d.D_in, d.H}, gen, opts).mul_(1.0 / std::sqrt(double(d.D_in)));
   const at::Tensor w2 = at::randn({d.H, d.D_out}, gen, opts).mul_(1.0 / std::sqrt(double(d.H)));
   at::Tensor g1 = at::empty({d.D_in, d.H}, opts), g2 = at::empty({d.H, d.D_out}, opts);
-  auto view = [](const at::Tensor& t) { return View<T>{t.data_ptr<T>(), t.stride(0), t.stride(1)}; };
+  auto view = [](const at::Tensor& t) {
+    return View<T>{t.data_ptr<T>(), t.stride(0), t.stride(1)};
+  };
   GradOut<T> o1, o2;
   o1.store = g1.data_ptr<T>(), o2.store = g2.data_ptr<T>();
   // The fused loss with every weight's gradient: sgd_step's work, without moving the weights.
-  const StepArgs<T> s{d, view(x), view(target), view(w1), view(w2), {nullptr, 0}, {nullptr, 0},
-                      false, nullptr, nullptr, o1, o2, {}, {}};
+  const StepArgs<T> s{d,     view(x), view(target), view(w1), view(w2), {nullptr, 0}, {nullptr, 0},
+                      false, nullptr, nullptr,      o1,       o2,       {},           {}};
   const PoolScope pool;  // as sgd_step runs it
   auto time_us = [&](int row, const StepArgs<T>& args) {
     const auto t0 = std::chrono::steady_clock::now();
@@ -280,7 +285,8 @@ Entry measure(const Dims& full, bool at_full_size) {
     return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
   };
   auto elapsed_ms = [&] {
-    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
+        .count();
   };
   std::vector<int> rows = candidates_for(full);
   // A screen on the first rows alone (also the warm-up: first touch, packing buffers) drops
@@ -318,7 +324,8 @@ Entry measure(const Dims& full, bool at_full_size) {
     std::sort(t.begin(), t.end());
     e.us.emplace_back(r, t[t.size() / 2]);
   }
-  std::sort(e.us.begin(), e.us.end(), [](const auto& a, const auto& b) { return a.second < b.second; });
+  std::sort(e.us.begin(), e.us.end(),
+            [](const auto& a, const auto& b) { return a.second < b.second; });
   e.row = e.us.front().first;
   e.cost_ms = elapsed_ms();
   return e;

@@ -37,7 +37,8 @@ struct Tiles<Isa::Avx2, double> {
 template <>  // 24 of the 32 zmm registers accumulate: 12 rows x 2 x 16 floats
 struct Tiles<Isa::Avx512, float> {
   static constexpr int MR = 12, NR = 32, NV = 2;
-  static constexpr int64_t KC = 512, MC = 240, NC = 3072;  // B micro-panel 64 KiB in L2; 2 passes over C at K = 1024
+  static constexpr int64_t KC = 512, MC = 240,
+                           NC = 3072;  // B micro-panel 64 KiB in L2; 2 passes over C at K = 1024
 };
 template <>  // 12 rows x 2 x 8 doubles
 struct Tiles<Isa::Avx512, double> {

@@ -81,15 +81,22 @@ std::tuple<at::Tensor, at::Tensor> two_layer_fwd(const at::Tensor& x, const at::
   auto y = at::empty({d.N, d.D_out}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "two_layer_fwd", [&] {
     using T = scalar_t;
-    const ForwardArgs<T> a{d, view<T>(x), view<T>(w1), view<T>(w2), bias<const T>(b1),
-                           bias<const T>(b2), act.data_ptr<T>(), y.data_ptr<T>()};
+    const ForwardArgs<T> a{d,
+                           view<T>(x),
+                           view<T>(w1),
+                           view<T>(w2),
+                           bias<const T>(b1),
+                           bias<const T>(b2),
+                           act.data_ptr<T>(),
+                           y.data_ptr<T>()};
     variant_for(d, c10::CppTypeToScalarType<T>::value).kernels<T>().forward(a);
   });
   return {y, act};
 }
 
 Grads5 two_layer_bwd(const at::Tensor& grad_y, const OptTensor& x, const OptTensor& w1,
-                     const at::Tensor& w2, const at::Tensor& act_in, std::array<bool, 5> output_mask) {
+                     const at::Tensor& w2, const at::Tensor& act_in,
+                     std::array<bool, 5> output_mask) {
   const auto [need_x, need_w1, need_w2, need_b1, need_b2] = output_mask;
   const Dims d = check_two_layer_bwd_args(grad_y, x, w1, w2, act_in, need_x, need_w1);
   if (sixteen_bit(act_in))
@@ -105,10 +112,17 @@ Grads5 two_layer_bwd(const at::Tensor& grad_y, const OptTensor& x, const OptTens
   AT_DISPATCH_FLOATING_TYPES(act->scalar_type(), "two_layer_bwd", [&] {
     using T = scalar_t;
     const View<T> none{nullptr, 0, 0};
-    const BackwardArgs<T> a{d, view<T>(grad_y), grad_w1 ? view<T>(*x) : none,
-                            grad_x ? view<T>(*w1) : none, view<T>(w2), act->data_ptr<T>(),
-                            ptr_or_null<T>(grad_x), ptr_or_null<T>(grad_w1), ptr_or_null<T>(grad_w2),
-                            ptr_or_null<T>(grad_b1), ptr_or_null<T>(grad_b2)};
+    const BackwardArgs<T> a{d,
+                            view<T>(grad_y),
+                            grad_w1 ? view<T>(*x) : none,
+                            grad_x ? view<T>(*w1) : none,
+                            view<T>(w2),
+                            act->data_ptr<T>(),
+                            ptr_or_null<T>(grad_x),
+                            ptr_or_null<T>(grad_w1),
+                            ptr_or_null<T>(grad_w2),
+                            ptr_or_null<T>(grad_b1),
+                            ptr_or_null<T>(grad_b2)};
     variant_for(d, c10::CppTypeToScalarType<T>::value).kernels<T>().backward(a);
   });
   return {grad_x, grad_w1, grad_w2, grad_b1, grad_b2};
@@ -148,10 +162,19 @@ FusedLossGrads two_layer_l2_loss_fwd(const at::Tensor& x, const at::Tensor& targ
   if (need_b2 && b2) grad_b2 = at::empty({d.D_out}, opts);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "two_layer_l2_loss_fwd", [&] {
     using T = scalar_t;
-    const StepArgs<T> s{d, view<T>(x), view<T>(target), view<T>(w1), view<T>(w2),
-                        bias<const T>(b1), bias<const T>(b2), mean,
-                        ptr_or_null<T>(grad_x), ptr_or_null<T>(grad_target),
-                        store_into<T>(grad_w1), store_into<T>(grad_w2), store_into<T>(grad_b1),
+    const StepArgs<T> s{d,
+                        view<T>(x),
+                        view<T>(target),
+                        view<T>(w1),
+                        view<T>(w2),
+                        bias<const T>(b1),
+                        bias<const T>(b2),
+                        mean,
+                        ptr_or_null<T>(grad_x),
+                        ptr_or_null<T>(grad_target),
+                        store_into<T>(grad_w1),
+                        store_into<T>(grad_w2),
+                        store_into<T>(grad_b1),
                         store_into<T>(grad_b2)};
     loss.fill_(loss_value(variant_for(d, c10::CppTypeToScalarType<T>::value).kernels<T>().step(s),
                           x.scalar_type()));
@@ -171,8 +194,16 @@ at::Tensor sgd_step(const at::Tensor& x, const at::Tensor& target, const at::Ten
   auto loss = at::empty({}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sgd_step", [&] {
     using T = scalar_t;
-    const StepArgs<T> s{d, view<T>(x), view<T>(target), view<T>(w1), view<T>(w2),
-                        bias<const T>(b1), bias<const T>(b2), mean, nullptr, nullptr,
+    const StepArgs<T> s{d,
+                        view<T>(x),
+                        view<T>(target),
+                        view<T>(w1),
+                        view<T>(w2),
+                        bias<const T>(b1),
+                        bias<const T>(b2),
+                        mean,
+                        nullptr,
+                        nullptr,
                         update_in_place<T>(w1, update_w1, T(lr)),
                         update_in_place<T>(w2, update_w2, T(lr)),
                         update_in_place<T>(b1, update_b1, T(lr)),

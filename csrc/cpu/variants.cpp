@@ -16,12 +16,12 @@
 namespace twolayer::cpu {
 
 // namespace, name, the ISA it needs. Order: the tuned builds best first.
-#define TWOLAYER_CPU_VARIANTS(X)             \
-  X(tuned_avx512, "tuned-avx512", "avx512")  \
-  X(tuned_avx2, "tuned-avx2", "avx2")        \
-  X(tuned_portable, "tuned-portable", "")    \
-  X(blas, "blas", "")                        \
-  X(blas_mt, "blas-mt", "")                  \
+#define TWOLAYER_CPU_VARIANTS(X)            \
+  X(tuned_avx512, "tuned-avx512", "avx512") \
+  X(tuned_avx2, "tuned-avx2", "avx2")       \
+  X(tuned_portable, "tuned-portable", "")   \
+  X(blas, "blas", "")                       \
+  X(blas_mt, "blas-mt", "")                 \
   X(reference, "reference", "")
 
 #define TWOLAYER_DECLARE(ns, name, isa) TWOLAYER_DECLARE_VARIANT(ns)
@@ -30,8 +30,10 @@ TWOLAYER_CPU_VARIANTS(TWOLAYER_DECLARE)
 
 namespace {
 
-#define TWOLAYER_ROW(ns, name, isa)                                                       \
-  Variant{name, isa, {&ns::forward<float>, &ns::backward<float>, &ns::step<float>},       \
+#define TWOLAYER_ROW(ns, name, isa)                                      \
+  Variant{name,                                                          \
+          isa,                                                           \
+          {&ns::forward<float>, &ns::backward<float>, &ns::step<float>}, \
           {&ns::forward<double>, &ns::backward<double>, &ns::step<double>}},
 const Variant kTable[] = {TWOLAYER_CPU_VARIANTS(TWOLAYER_ROW)};
 #undef TWOLAYER_ROW
@@ -73,8 +75,8 @@ int choice_from_name(c10::string_view name, const char* what) {
   const int row = row_of(name);
   TORCH_CHECK_VALUE(row >= 0, what, " must be one of ", names_list(), ", got \"",
                     std::string(name.data(), name.size()), "\"");
-  TORCH_CHECK(cpu_has(kTable[row].isa), what, " \"", kTable[row].name,
-              "\" needs a CPU with ", kTable[row].isa, ", which this one lacks");
+  TORCH_CHECK(cpu_has(kTable[row].isa), what, " \"", kTable[row].name, "\" needs a CPU with ",
+              kTable[row].isa, ", which this one lacks");
   return row;
 }
 

@@ -33,8 +33,10 @@ struct Variant {
   Kernels<double> f64;
   template <typename T>
   const Kernels<T>& kernels() const {
-    if constexpr (std::is_same_v<T, float>) return f32;
-    else return f64;
+    if constexpr (std::is_same_v<T, float>)
+      return f32;
+    else
+      return f64;
   }
 };
 

@@ -30,7 +30,8 @@ constexpr int64_t kMaxBlocks = 1024;
 
 // At least one block, so the loss kernels also run (and write 0) for numel 0.
 unsigned int blocks_for(int64_t n) {
-  return static_cast<unsigned int>(std::clamp<int64_t>((n + kThreads - 1) / kThreads, 1, kMaxBlocks));
+  return static_cast<unsigned int>(
+      std::clamp<int64_t>((n + kThreads - 1) / kThreads, 1, kMaxBlocks));
 }
 
 __device__ __forceinline__ int64_t first_index() {
@@ -139,8 +140,8 @@ void relu_with_sign_mask_(const at::Tensor& act) {
   if (n == 0) return;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   TWOLAYER_DISPATCH_FLOATING(act.scalar_type(), "relu_with_sign_mask_cuda", [&] {
-    relu_with_sign_mask_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
-        act.mutable_data_ptr<scalar_t>(), n);
+    relu_with_sign_mask_kernel<scalar_t>
+        <<<blocks_for(n), kThreads, 0, stream>>>(act.mutable_data_ptr<scalar_t>(), n);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -59,8 +59,8 @@ struct Policy {
   }
   // A loss beyond the dtype's range is inf (the device's double-to-dtype conversion rounds to
   // nearest, overflowing to inf); the mean of nothing is 0 / 0 = NaN, as on the CPU.
-  static Loss squared_error(const at::Tensor& pred, const at::Tensor& target,
-                            const OptTensor& grad, double grad_scale, const L2Loss& l2) {
+  static Loss squared_error(const at::Tensor& pred, const at::Tensor& target, const OptTensor& grad,
+                            double grad_scale, const L2Loss& l2) {
     at::Tensor loss = at::empty({}, pred.options());
     cuda::squared_error(pred, target, l2.divisor(), loss, grad, grad_scale);
     return loss;
@@ -115,8 +115,8 @@ FusedLossGrads two_layer_l2_loss_fwd(const at::Tensor& x, const at::Tensor& targ
   const Dims d = check_two_layer_l2_loss_args(x, target, w1, w2, b1, b2);
   const bool mean = parse_reduction(op, reduction) == Reduction::Mean;
   const c10::cuda::CUDAGuard guard(cuda_device_of(op, "x", x));
-  return composite::two_layer_l2_loss_fwd<Policy>(d, x, target, w1, w2, b1, b2, mean,
-                                                  output_mask, grad_transposed);
+  return composite::two_layer_l2_loss_fwd<Policy>(d, x, target, w1, w2, b1, b2, mean, output_mask,
+                                                  grad_transposed);
 }
 
 at::Tensor sgd_step(const at::Tensor& x, const at::Tensor& target, const at::Tensor& w1,

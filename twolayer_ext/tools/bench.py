@@ -16,6 +16,7 @@ over SLOW_STEP_S seconds is skipped. --json is rewritten (whole) after every siz
 short keeps what it measured. --plot draws a roofline: GFLOP/s against arithmetic intensity,
 under the measured GEMM ceiling and memory bandwidth.
 """
+
 import argparse
 import contextlib
 import importlib.util
@@ -44,10 +45,16 @@ SIZES = {
     "gpu_narrow": (1048576, 64, 64, 16),
     "gpu_large": (8192, 4096, 4096, 1024),
 }
-DEFAULT_SIZES = {"cpu": ["seed", "medium", "large", "narrow"],
-                 "cuda": ["seed", "gpu_narrow", "gpu_large"]}
-DTYPES = {"float32": torch.float32, "float64": torch.float64,
-          "bfloat16": torch.bfloat16, "float16": torch.float16}  # every one on CPU and CUDA
+DEFAULT_SIZES = {
+    "cpu": ["seed", "medium", "large", "narrow"],
+    "cuda": ["seed", "gpu_narrow", "gpu_large"],
+}
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}  # every one on CPU and CUDA
 # A recipe whose warm-up step takes longer is skipped (the plain-loop reference kernels take
 # ~10 s per step at the large size); the first call is not judged (lazy init, compilation).
 SLOW_STEP_S = 2.0
@@ -84,9 +91,14 @@ def busy_loops(k):
     procs = []
     try:
         for _ in range(k):
-            procs.append(subprocess.Popen(
-                [sys.executable, "-c", _BUSY_LOOP, str(os.getpid())],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", _BUSY_LOOP, str(os.getpid())],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
         yield procs
     finally:
         for proc in procs:
@@ -96,6 +108,7 @@ def busy_loops(k):
 
 
 # ---- measurement -------------------------------------------------------------------------------
+
 
 def gemm_ceiling(device, dtype, threads):
     """GFLOP/s of the best of torch.mm and numpy on an n^3 GEMM (n = 2048 CPU, 8192 CUDA)."""
@@ -107,7 +120,7 @@ def gemm_ceiling(device, dtype, threads):
         an = a.numpy()
         timer = benchmark.Timer("np.dot(an, an)", globals={"np": np, "an": an}, num_threads=threads)
         best = min(best, timer.timeit(3).median)
-    return 2 * n ** 3 / best / 1e9
+    return 2 * n**3 / best / 1e9
 
 
 def memory_bandwidth(device, threads):
@@ -115,8 +128,7 @@ def memory_bandwidth(device, threads):
     n = 1 << (25 if device == "cpu" else 27)  # 128 MiB / 512 MiB of float32 per buffer
     src = torch.ones(n, device=device)
     dst = torch.empty_like(src)
-    timer = benchmark.Timer("dst.copy_(src)", globals={"dst": dst, "src": src},
-                            num_threads=threads)
+    timer = benchmark.Timer("dst.copy_(src)", globals={"dst": dst, "src": src}, num_threads=threads)
     return 2 * src.numel() * src.element_size() / timer.timeit(5).median / 1e9
 
 
@@ -171,7 +183,7 @@ def measure(size_name, shape, dtype, device, names, args, progress):
     timed = list(steps)
     for group in ([n for n in timed if n != "numpy"], [n for n in timed if n == "numpy"]):
         for r in range(args.rounds if group else 0):
-            order = group[r % len(group):] + group[:r % len(group)]
+            order = group[r % len(group) :] + group[: r % len(group)]
             progress(f"{cell} round {r + 1}/{args.rounds}", line=True)
             for name in order:
                 progress(f"{cell} round {r + 1}/{args.rounds} {name}")
@@ -184,12 +196,14 @@ def measure(size_name, shape, dtype, device, names, args, progress):
             continue
         t = np.array(results[name].pop("times"))
         q1, med, q3 = np.percentile(t, [25, 50, 75])
-        results[name].update(status="ok", median_us=med * 1e6, iqr_us=(q3 - q1) * 1e6,
-                             gflops=flops / med / 1e9)
+        results[name].update(
+            status="ok", median_us=med * 1e6, iqr_us=(q3 - q1) * 1e6, gflops=flops / med / 1e9
+        )
     return results
 
 
 # ---- command line ------------------------------------------------------------------------------
+
 
 def _recipe_name(text):
     try:
@@ -208,22 +222,45 @@ def _size(text):
         shape = ()
     if len(shape) != 4 or min(shape) <= 0:
         raise argparse.ArgumentTypeError(
-            f"must be one of {', '.join(SIZES)} or four positive ints N,D_in,H,D_out; got {text!r}")
+            f"must be one of {', '.join(SIZES)} or four positive ints N,D_in,H,D_out; got {text!r}"
+        )
     return text, shape
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m twolayer_ext.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", action="append", type=_size, metavar="NAME|N,D_in,H,D_out",
-                   help=f"repeatable; names: {', '.join(SIZES)}")
-    p.add_argument("--dtype", action="append", choices=list(DTYPES), help="repeatable (default float32)")
+    p = argparse.ArgumentParser(
+        prog="python -m twolayer_ext.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--size",
+        action="append",
+        type=_size,
+        metavar="NAME|N,D_in,H,D_out",
+        help=f"repeatable; names: {', '.join(SIZES)}",
+    )
+    p.add_argument(
+        "--dtype", action="append", choices=list(DTYPES), help="repeatable (default float32)"
+    )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--recipe", "--backend", dest="backend", action="append", type=_recipe_name,
-                   metavar="NAME", help="a training recipe, repeatable (default: every one); names: " + ", ".join(B.names()))
+    p.add_argument(
+        "--recipe",
+        "--backend",
+        dest="backend",
+        action="append",
+        type=_recipe_name,
+        metavar="NAME",
+        help="a training recipe, repeatable (default: every one); names: " + ", ".join(B.names()),
+    )
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--busy", type=int, default=0, metavar="K",
-                   help="run K busy-loop processes while timing (a contended machine; default 0)")
+    p.add_argument(
+        "--busy",
+        type=int,
+        default=0,
+        metavar="K",
+        help="run K busy-loop processes while timing (a contended machine; default 0)",
+    )
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--min-time", type=float, default=0.1, help="seconds per timed block")
     p.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up per recipe")
@@ -234,8 +271,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
 
     if args.threads < 1 or args.rounds < 1 or args.min_time <= 0:
-        p.error(f"--threads, --rounds and --min-time must be positive, got {args.threads}, "
-                f"{args.rounds} and {args.min_time}")
+        p.error(
+            f"--threads, --rounds and --min-time must be positive, got {args.threads}, "
+            f"{args.rounds} and {args.min_time}"
+        )
     if args.warmup < 0 or args.busy < 0:
         p.error(f"--warmup and --busy must be >= 0, got {args.warmup} and {args.busy}")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -265,9 +304,15 @@ def main(argv=None):
             text = json.dumps(report, indent=1).encode()
             write_atomic(args.json, lambda f: f.write(text))
 
-    report = {"machine": machine_info(args.device), "threads": args.threads, "busy": args.busy,
-              "device": args.device, "kernel": cpu_kernel_info(), "ceiling_gflops": {},
-              "results": []}
+    report = {
+        "machine": machine_info(args.device),
+        "threads": args.threads,
+        "busy": args.busy,
+        "device": args.device,
+        "kernel": cpu_kernel_info(),
+        "ceiling_gflops": {},
+        "results": [],
+    }
     with busy_loops(args.busy):
         progress("memory bandwidth", line=True)
         report["bandwidth_gbs"] = memory_bandwidth(args.device, args.threads)
@@ -276,8 +321,11 @@ def main(argv=None):
             progress(f"GEMM ceiling {dtype_name}", line=True)
             ceiling = gemm_ceiling(args.device, dtype, args.threads)
             report["ceiling_gflops"][dtype_name] = ceiling
-            names = [n for n in (args.backend or B.names(device=args.device))
-                     if B.runs_on(n, args.device, dtype)]
+            names = [
+                n
+                for n in (args.backend or B.names(device=args.device))
+                if B.runs_on(n, args.device, dtype)
+            ]
             for size_name, shape in args.size:
                 results = measure(size_name, shape, dtype, args.device, names, args, progress)
                 flops = step_flops(*shape)
@@ -287,11 +335,19 @@ def main(argv=None):
                         base = results.get(B.baseline(name), {}).get("median_us")
                         r["pct_ceiling"] = 100 * r["gflops"] / ceiling
                         r["speedup_vs_module"] = base / r["median_us"] if base else None
-                    report["results"].append({
-                        "size": size_name, "shape": shape, "dtype": dtype_name,
-                        "variant": B.variant_ran(name, shape, dtype, args.device),
-                        "mflop_per_step": flops / 1e6, "mbyte_per_step": nbytes / 1e6,
-                        "flop_per_byte": flops / nbytes, "backend": name, **r})
+                    report["results"].append(
+                        {
+                            "size": size_name,
+                            "shape": shape,
+                            "dtype": dtype_name,
+                            "variant": B.variant_ran(name, shape, dtype, args.device),
+                            "mflop_per_step": flops / 1e6,
+                            "mbyte_per_step": nbytes / 1e6,
+                            "flop_per_byte": flops / nbytes,
+                            "backend": name,
+                            **r,
+                        }
+                    )
                 save()
     progress.close()
     print_table(report)
@@ -324,8 +380,12 @@ class Progress:
 
 
 def machine_info(device):
-    info = {"python": platform.python_version(), "torch": torch.__version__,
-            "numpy": np.__version__, "platform": platform.platform()}
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+    }
     try:
         with open("/proc/cpuinfo") as f:
             info["cpu"] = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
@@ -338,13 +398,26 @@ def machine_info(device):
 
 def print_table(report):
     m = report["machine"]
-    print(f"# {m.get('gpu', m['cpu'])}, {report['threads']} threads, {report['busy']} busy "
-          f"process(es); torch {m['torch']}, numpy {m['numpy']}; ours: {report['kernel']}")
-    print("# GEMM ceiling (best of torch and numpy): " +
-          ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in report["ceiling_gflops"].items()) +
-          f"; memory bandwidth (copy) {report['bandwidth_gbs']:.1f} GB/s")
-    header = ["size", "dtype", "backend", "variant", "median us", "IQR us", "GFLOP/s", "% ceil",
-              "x module"]
+    print(
+        f"# {m.get('gpu', m['cpu'])}, {report['threads']} threads, {report['busy']} busy "
+        f"process(es); torch {m['torch']}, numpy {m['numpy']}; ours: {report['kernel']}"
+    )
+    print(
+        "# GEMM ceiling (best of torch and numpy): "
+        + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in report["ceiling_gflops"].items())
+        + f"; memory bandwidth (copy) {report['bandwidth_gbs']:.1f} GB/s"
+    )
+    header = [
+        "size",
+        "dtype",
+        "backend",
+        "variant",
+        "median us",
+        "IQR us",
+        "GFLOP/s",
+        "% ceil",
+        "x module",
+    ]
     rows = []
     for r in report["results"]:
         head = [r["size"], r["dtype"], r["backend"], r.get("variant", "-")]
@@ -352,8 +425,16 @@ def print_table(report):
             rows.append(head + [r["status"]])
             continue
         sp = f"{r['speedup_vs_module']:.2f}" if r.get("speedup_vs_module") else "-"
-        rows.append(head + [f"{r['median_us']:,.0f}", f"{r['iqr_us']:,.0f}", f"{r['gflops']:.1f}",
-                            f"{r['pct_ceiling']:.0f}%", sp])
+        rows.append(
+            head
+            + [
+                f"{r['median_us']:,.0f}",
+                f"{r['iqr_us']:,.0f}",
+                f"{r['gflops']:.1f}",
+                f"{r['pct_ceiling']:.0f}%",
+                sp,
+            ]
+        )
     print(format_table(header, rows, left=4))
 
 
@@ -362,16 +443,19 @@ def format_table(header, rows, left):
     columns flush left, the rest flush right. A row may end in one cell that spans the rest
     (a status such as "non-finite loss"); it does not widen the columns it spans."""
     n = len(header)
-    width = [max([len(header[c])] + [len(row[c]) for row in rows
-                                     if len(row) == n or c < len(row) - 1])
-             for c in range(n)]
+    width = [
+        max([len(header[c])] + [len(row[c]) for row in rows if len(row) == n or c < len(row) - 1])
+        for c in range(n)
+    ]
 
     def line(cells):
-        out = [f"{v:<{width[c]}}" if c < left else f"{v:>{width[c]}}"
-               for c, v in enumerate(cells[:n])]
+        out = [
+            f"{v:<{width[c]}}" if c < left else f"{v:>{width[c]}}" for c, v in enumerate(cells[:n])
+        ]
         if len(cells) < n:  # a spanning last cell: flush left after the fixed columns
             out[-1] = cells[-1]
         return " ".join(out).rstrip()
+
     return "\n".join([line(header)] + [line(r) for r in rows])
 
 
@@ -379,6 +463,7 @@ def plot(report, path):
     """Top: a roofline per dtype (each recipe's GFLOP/s per size at the size's arithmetic
     intensity, under min(ceiling, bandwidth x intensity)). Bottom: speedups over nn.Module."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -396,17 +481,43 @@ def plot(report, path):
         ai = [r["flop_per_byte"] for r in rows] or [1.0]
         xs = np.logspace(math.log10(min(ai) / 4), math.log10(max(ai) * 4), 200)
         ax.loglog(xs, np.minimum(ceiling, bw * xs), color="black", lw=1.5)
-        ax.text(xs[-1], ceiling, f"GEMM ceiling {ceiling:.0f} GFLOP/s", ha="right", va="bottom",
-                fontsize=7)
-        ax.text(xs[0], bw * xs[0], f"  copy {bw:.0f} GB/s", ha="left", va="bottom", fontsize=7,
-                rotation=30)
+        ax.text(
+            xs[-1],
+            ceiling,
+            f"GEMM ceiling {ceiling:.0f} GFLOP/s",
+            ha="right",
+            va="bottom",
+            fontsize=7,
+        )
+        ax.text(
+            xs[0],
+            bw * xs[0],
+            f"  copy {bw:.0f} GB/s",
+            ha="left",
+            va="bottom",
+            fontsize=7,
+            rotation=30,
+        )
         for b in backends:
             pts = [r for r in rows if r["backend"] == b]
-            ax.scatter([r["flop_per_byte"] for r in pts], [r["gflops"] for r in pts],
-                       color=colors[b], s=22, label=b, zorder=3)
+            ax.scatter(
+                [r["flop_per_byte"] for r in pts],
+                [r["gflops"] for r in pts],
+                color=colors[b],
+                s=22,
+                label=b,
+                zorder=3,
+            )
         for size, a in dict.fromkeys((r["size"], r["flop_per_byte"]) for r in rows):
-            ax.annotate(size, (a, ceiling), xytext=(0, -12), textcoords="offset points",
-                        ha="center", fontsize=7, color="0.4")
+            ax.annotate(
+                size,
+                (a, ceiling),
+                xytext=(0, -12),
+                textcoords="offset points",
+                ha="center",
+                fontsize=7,
+                color="0.4",
+            )
             ax.axvline(a, color="0.85", lw=0.8, zorder=0)
         ax.set_xlabel("arithmetic intensity (flop per compulsory byte)")
         ax.set_ylabel("GFLOP/s")
@@ -417,18 +528,26 @@ def plot(report, path):
     groups = list(dict.fromkeys((r["size"], r["dtype"]) for r in ratios))
     width = 0.8 / max(len(backends), 1)
     for i, b in enumerate(backends):
-        pts = [(g, r["speedup_vs_module"]) for g, key in enumerate(groups) for r in ratios
-               if r["backend"] == b and (r["size"], r["dtype"]) == key]
-        bx.bar([g + i * width for g, _ in pts], [v for _, v in pts], width, color=colors[b],
-               label=b)
+        pts = [
+            (g, r["speedup_vs_module"])
+            for g, key in enumerate(groups)
+            for r in ratios
+            if r["backend"] == b and (r["size"], r["dtype"]) == key
+        ]
+        bx.bar(
+            [g + i * width for g, _ in pts], [v for _, v in pts], width, color=colors[b], label=b
+        )
     bx.axhline(1.0, color="black", linewidth=0.8)
     bx.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))])
     bx.set_xticklabels([f"{s}\n{d}" for s, d in groups])
     bx.set_ylabel("speedup over nn.Module, same optimizer (x)")
     bx.set_yscale("log")
     bx.legend(fontsize=7, ncol=4)
-    fig.suptitle(f"one training step, {report['device']}, {report['threads']} threads, "
-                 f"{report['busy']} busy", fontsize=10)
+    fig.suptitle(
+        f"one training step, {report['device']}, {report['threads']} threads, "
+        f"{report['busy']} busy",
+        fontsize=10,
+    )
     fig.tight_layout()
     write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)

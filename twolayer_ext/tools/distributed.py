@@ -13,6 +13,7 @@ a sum over ranks, sum_r L_r (divided by numel for "mean"), so its gradient is su
 global numel for "mean"). That stays exact when the shards are uneven, where averaging
 per-rank means would not.
 """
+
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -75,7 +76,8 @@ class DataParallelSGD:
             raise ValueError(f'reduction must be "sum" or "mean", got {reduction!r}')
         self.world, self.reduction = world, reduction
         self.ddp = DistributedDataParallel(
-            model, device_ids=[world.device] if world.device.type == "cuda" else None)
+            model, device_ids=[world.device] if world.device.type == "cuda" else None
+        )
         self.optimizer = torch.optim.SGD(model.parameters(), lr=lr)
 
     def step(self, x, y):

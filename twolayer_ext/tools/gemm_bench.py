@@ -9,6 +9,7 @@ torch.mm (torch's BLAS), OpenBLAS is numpy's np.dot. Each cell is the best of --
 blocks (the least disturbed run), interleaved across the contenders. When timing numpy, unset
 OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE for this command only (see docs/performance.md).
 """
+
 import argparse
 import time
 
@@ -39,14 +40,16 @@ def _best_seconds(fn, repeats, min_time=0.05):
 def contenders(M, K, N, dtype):
     g = torch.Generator().manual_seed(0)
     a = torch.randn(M, K, generator=g, dtype=torch.float64).to(dtype)
-    b = (torch.randn(K, N, generator=g, dtype=torch.float64) / K ** 0.5).to(dtype)
+    b = (torch.randn(K, N, generator=g, dtype=torch.float64) / K**0.5).to(dtype)
     w2 = torch.randn(N, 1, generator=g, dtype=torch.float64).to(dtype)
     out = {}
     for v in CPU_VARIANTS:
         if v != "reference" and not cpu_kernel_missing(v):
+
             def ours(v=v):
                 with use_cpu_kernel(v):
                     two_layer(a, b, w2)
+
             out[f"ours[{v}]"] = ours
     c = torch.empty(M, N, dtype=dtype)
     out["MKL (torch.mm)"] = lambda: torch.mm(a, b, out=c)
@@ -57,8 +60,11 @@ def contenders(M, K, N, dtype):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m twolayer_ext.gemm_bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m twolayer_ext.gemm_bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--shape", action="append", metavar="M,K,N")
     p.add_argument("--dtype", action="append", choices=list(DTYPES))
     p.add_argument("--threads", type=int, default=1)
@@ -70,6 +76,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     try:
         from threadpoolctl import threadpool_limits
+
         threadpool_limits(args.threads)
     except ImportError:
         pass

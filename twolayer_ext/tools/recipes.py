@@ -14,6 +14,7 @@ A name picks a recipe and, where it offers them, an optimizer and a CPU kernel v
     sgd_step[reference]   sgd_step with the CPU kernel variant "reference" (any name in
                           twolayer_ext.CPU_KERNELS); plain sgd_step runs the variant in effect
 """
+
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
@@ -32,9 +33,10 @@ Arrays = Dict[str, Optional[np.ndarray]]
 @dataclass(frozen=True)
 class Problem:
     """What every recipe trains: float64 (or the CLI's dtype) numpy arrays, and how."""
+
     x: np.ndarray
     y: np.ndarray
-    params: Arrays          # {"w1", "w2", "b1", "b2"}; the biases may be None
+    params: Arrays  # {"w1", "w2", "b1", "b2"}; the biases may be None
     lr: float
     reduction: str = "sum"
     device: str = "cpu"
@@ -42,26 +44,27 @@ class Problem:
 
 
 class Runner(NamedTuple):
-    step: Callable[[], Any]          # one training step; the loss before it (tensor or float)
-    weights: Callable[[], Arrays]    # the current weights as numpy arrays, tutorial layout
+    step: Callable[[], Any]  # one training step; the loss before it (tensor or float)
+    weights: Callable[[], Arrays]  # the current weights as numpy arrays, tutorial layout
 
 
 @dataclass(frozen=True)
 class Recipe:
     name: str
-    label: str                       # for tables and plots
-    build: Callable[[Problem, str], Runner]   # (problem, optimizer) -> Runner
+    label: str  # for tables and plots
+    build: Callable[[Problem, str], Runner]  # (problem, optimizer) -> Runner
     optimizers: Tuple[str, ...] = ("sgd",)
-    per_variant: bool = False        # the benchmark times it once per CPU kernel variant
-    cpu_only: bool = False           # runs on the CPU whatever the device (numpy)
-    dtypes: Optional[Tuple[torch.dtype, ...]] = None   # None: every dtype torch has
-    trains: bool = True              # False: timed for reference, not a training step
-    warmup_calls: int = 2            # calls before timing (compile needs a few)
-    ours: bool = False               # runs twolayer_ext's CPU kernels (a variant is chosen)
+    per_variant: bool = False  # the benchmark times it once per CPU kernel variant
+    cpu_only: bool = False  # runs on the CPU whatever the device (numpy)
+    dtypes: Optional[Tuple[torch.dtype, ...]] = None  # None: every dtype torch has
+    trains: bool = True  # False: timed for reference, not a training step
+    warmup_calls: int = 2  # calls before timing (compile needs a few)
+    ours: bool = False  # runs twolayer_ext's CPU kernels (a variant is chosen)
 
 
 class Spec(NamedTuple):
     """A parsed recipe name."""
+
     recipe: Recipe
     optimizer: str
     variant: Optional[str]  # the CPU kernel variant its [VARIANT] pins; None: the one in effect
@@ -69,15 +72,22 @@ class Spec(NamedTuple):
 
 # ---- the recipes --------------------------------------------------------------------------------
 
+
 def _tensor(a, p: Problem, requires_grad=False):
-    return None if a is None else (
-        torch.tensor(a, device=p.device).to(p.dtype).requires_grad_(requires_grad))
+    return (
+        None
+        if a is None
+        else (torch.tensor(a, device=p.device).to(p.dtype).requires_grad_(requires_grad))
+    )
 
 
 def _tensors(p: Problem, requires_grad=False):
     """(x, y, {w1, w2, b1, b2}) as torch tensors on p.device in p.dtype."""
-    return (_tensor(p.x, p), _tensor(p.y, p),
-            {k: _tensor(v, p, requires_grad) for k, v in p.params.items()})
+    return (
+        _tensor(p.x, p),
+        _tensor(p.y, p),
+        {k: _tensor(v, p, requires_grad) for k, v in p.params.items()},
+    )
 
 
 def _to_numpy(weights):
@@ -132,8 +142,10 @@ def build_module(p: Problem, optimizer: str) -> Runner:
         return loss.detach()
 
     def weights():
-        return _to_numpy({k: None if v is None else (v.t() if v.dim() == 2 else v)
-                          for k, v in layers.items()})
+        return _to_numpy(
+            {k: None if v is None else (v.t() if v.dim() == 2 else v) for k, v in layers.items()}
+        )
+
     return Runner(step, weights)
 
 
@@ -153,16 +165,18 @@ def build_compile(p: Problem, optimizer: str) -> Runner:
     x, y, w = _tensors(p)
     fn = torch.compile(_compiled_manual_step, fullgraph=True)
     mean = p.reduction == "mean"
-    return Runner(lambda: fn(x, y, w["w1"], w["w2"], w["b1"], w["b2"], p.lr, mean),
-                  lambda: _to_numpy(w))
+    return Runner(
+        lambda: fn(x, y, w["w1"], w["w2"], w["b1"], w["b2"], p.lr, mean), lambda: _to_numpy(w)
+    )
 
 
 def _net(p: Problem) -> TwoLayerNet:
     w1, w2 = p.params["w1"], p.params["w2"]
     assert w1 is not None and w2 is not None  # only the biases may be None
     (D_in, H), D_out = w1.shape, w2.shape[1]
-    net = TwoLayerNet(D_in, H, D_out, bias=p.params["b1"] is not None, device=p.device,
-                      dtype=p.dtype)
+    net = TwoLayerNet(
+        D_in, H, D_out, bias=p.params["b1"] is not None, device=p.device, dtype=p.dtype
+    )
     with torch.no_grad():
         for k, v in p.params.items():
             if v is not None:
@@ -182,6 +196,7 @@ def _net_runner(p: Problem, optimizer: str, loss_of: Callable[[TwoLayerNet, Any,
         loss.backward()
         opt.step()
         return loss.detach()
+
     return Runner(step, lambda: _to_numpy({k: getattr(net, k) for k in p.params}))
 
 
@@ -198,9 +213,10 @@ def build_fused_loss(p: Problem, optimizer: str) -> Runner:
 def build_sgd_step(p: Problem, optimizer: str) -> Runner:
     """The whole step (forward, loss, backward, SGD update) in one op call."""
     x, y, w = _tensors(p)
-    return Runner(lambda: sgd_step(x, y, w["w1"], w["w2"], w["b1"], w["b2"], lr=p.lr,
-                                   reduction=p.reduction),
-                  lambda: _to_numpy(w))
+    return Runner(
+        lambda: sgd_step(x, y, w["w1"], w["w2"], w["b1"], w["b2"], lr=p.lr, reduction=p.reduction),
+        lambda: _to_numpy(w),
+    )
 
 
 def five_gemms(x, y, w1, w2) -> Callable[[], None]:
@@ -216,6 +232,7 @@ def five_gemms(x, y, w1, w2) -> Callable[[], None]:
         torch.mm(h.t(), y, out=gw2)
         torch.mm(y, w2.t(), out=gh)
         torch.mm(x.t(), gh, out=gw1)
+
     return gemms
 
 
@@ -227,23 +244,27 @@ def build_gemm_floor(p: Problem, optimizer: str) -> Runner:
     def step():
         gemms()
         return zero
+
     return Runner(step, lambda: _to_numpy(w))
 
 
 _NUMPY_DTYPES = (torch.float32, torch.float64)
 _OPTIMIZERS = ("sgd", "adam")
 
-RECIPES: Dict[str, Recipe] = {b.name: b for b in (
-    Recipe("numpy", "numpy (oracle)", build_numpy, cpu_only=True, dtypes=_NUMPY_DTYPES),
-    Recipe("manual", "torch by hand", build_manual),
-    Recipe("autograd", "autograd", build_autograd),
-    Recipe("module", "nn.Module", build_module, optimizers=_OPTIMIZERS),
-    Recipe("compile", "torch.compile", build_compile, warmup_calls=5),
-    Recipe("ext_autograd", "two_layer+l2_loss", build_ext_autograd, ours=True),
-    Recipe("fused_loss", "fused loss", build_fused_loss, optimizers=_OPTIMIZERS, ours=True),
-    Recipe("sgd_step", "fused sgd_step", build_sgd_step, per_variant=True, ours=True),
-    Recipe("gemm_floor", "GEMM floor", build_gemm_floor, trains=False),
-)}
+RECIPES: Dict[str, Recipe] = {
+    b.name: b
+    for b in (
+        Recipe("numpy", "numpy (oracle)", build_numpy, cpu_only=True, dtypes=_NUMPY_DTYPES),
+        Recipe("manual", "torch by hand", build_manual),
+        Recipe("autograd", "autograd", build_autograd),
+        Recipe("module", "nn.Module", build_module, optimizers=_OPTIMIZERS),
+        Recipe("compile", "torch.compile", build_compile, warmup_calls=5),
+        Recipe("ext_autograd", "two_layer+l2_loss", build_ext_autograd, ours=True),
+        Recipe("fused_loss", "fused loss", build_fused_loss, optimizers=_OPTIMIZERS, ours=True),
+        Recipe("sgd_step", "fused sgd_step", build_sgd_step, per_variant=True, ours=True),
+        Recipe("gemm_floor", "GEMM floor", build_gemm_floor, trains=False),
+    )
+}
 BASELINE = "module"  # what a PyTorch user writes; ratios are against it, same optimizer
 
 _NAME = re.compile(r"^(?P<base>[a-z_0-9]+)(\+(?P<opt>[a-z_0-9]+))?(\[(?P<kernel>[^\]]+)\])?$")
@@ -255,26 +276,32 @@ def parse(name: str) -> Spec:
     m = _NAME.match(name) if isinstance(name, str) else None
     recipe = RECIPES.get(m["base"]) if m else None
     if recipe is None:
-        raise ValueError(f"backend must be one of {', '.join(RECIPES)} (with +OPTIMIZER or "
-                         f"[CPU_KERNEL] where offered), got {name!r}")
+        raise ValueError(
+            f"backend must be one of {', '.join(RECIPES)} (with +OPTIMIZER or "
+            f"[CPU_KERNEL] where offered), got {name!r}"
+        )
     assert m is not None  # a recipe was found, so the name matched
     optimizer = m["opt"] or "sgd"
     if optimizer not in recipe.optimizers:
-        raise ValueError(f"backend {name!r}: the optimizer of {recipe.name} must be one of "
-                         f"{', '.join(recipe.optimizers)}, got {optimizer!r}")
+        raise ValueError(
+            f"backend {name!r}: the optimizer of {recipe.name} must be one of "
+            f"{', '.join(recipe.optimizers)}, got {optimizer!r}"
+        )
     variant = m["kernel"]
     if variant is not None and not recipe.per_variant:
         raise ValueError(f"backend {name!r}: {recipe.name} takes no [CPU_KERNEL]")
     if variant is not None and variant not in CPU_KERNELS:
-        raise ValueError(f"backend {name!r}: the CPU kernel must be one of "
-                         f"{', '.join(CPU_KERNELS)}, got {variant!r}")
+        raise ValueError(
+            f"backend {name!r}: the CPU kernel must be one of "
+            f"{', '.join(CPU_KERNELS)}, got {variant!r}"
+        )
     return Spec(recipe, optimizer, variant)
 
 
 def label(name: str) -> str:
     """The table label of a recipe name, e.g. "fused loss+adam"."""
     spec = parse(name)
-    return spec.recipe.label + name[len(spec.recipe.name):]
+    return spec.recipe.label + name[len(spec.recipe.name) :]
 
 
 def baseline(name: str) -> str:
@@ -290,8 +317,9 @@ def current_cpu_kernel() -> str:
     return current
 
 
-def variant_ran(name: str, shape: Tuple[int, int, int, int], dtype: torch.dtype,
-                device: str = "cpu") -> str:
+def variant_ran(
+    name: str, shape: Tuple[int, int, int, int], dtype: torch.dtype, device: str = "cpu"
+) -> str:
     """The CPU kernel variant recipe `name` runs for this problem ("-" where none of ours
     does): its [CPU_KERNEL], else the choice in effect, auto's pick resolved for the shape."""
     spec = parse(name)
@@ -307,12 +335,19 @@ def runs_on(name: str, device: str, dtype: Optional[torch.dtype] = None) -> bool
     """Whether recipe `name` has a place in a run on device in dtype (None: any dtype)."""
     spec = parse(name)
     b = spec.recipe
-    return not ((device != "cpu" and (b.cpu_only or spec.variant is not None)) or
-                (dtype is not None and b.dtypes is not None and dtype not in b.dtypes))
+    return not (
+        (device != "cpu" and (b.cpu_only or spec.variant is not None))
+        or (dtype is not None and b.dtypes is not None and dtype not in b.dtypes)
+    )
 
 
-def names(*, device: str = "cpu", dtype: Optional[torch.dtype] = None,
-          optimizers: Tuple[str, ...] = _OPTIMIZERS, training_only: bool = False) -> List[str]:
+def names(
+    *,
+    device: str = "cpu",
+    dtype: Optional[torch.dtype] = None,
+    optimizers: Tuple[str, ...] = _OPTIMIZERS,
+    training_only: bool = False,
+) -> List[str]:
     """Every recipe name that runs on device in dtype, each optimizer variant right after its
     SGD row and, on the CPU, sgd_step once per other CPU kernel variant."""
     out = []
@@ -336,5 +371,5 @@ def build(name: str, problem: Problem) -> Runner:
     def step():
         with use_cpu_kernel(spec.variant):
             return runner.step()
-    return Runner(step, runner.weights)
 
+    return Runner(step, runner.weights)

@@ -16,6 +16,7 @@ Ratios: fused f+b / sgd_step (the fused loss's cost against the one-call step) a
 (seq f+b + SGD) / (fused f+b + SGD) (the drop-in route against nn.Sequential, same SGD).
 The mlp size (256, 512, 256, 16) also times a whole AdamW + clip_grad_norm_ step both ways.
 """
+
 import argparse
 import statistics
 import sys
@@ -66,8 +67,12 @@ def _calls(shape, dtype):
             p.grad = None
         mse(seq(x), y).backward()
 
-    calls = {"sgd_step": lambda: sgd_step(x, y, w1, w2, b1, b2, lr=1e-9),
-             "fused f+b": fused_fb, "seq f+b": seq_fb, "floor": five_gemms(x, y, w1, w2)}
+    calls = {
+        "sgd_step": lambda: sgd_step(x, y, w1, w2, b1, b2, lr=1e-9),
+        "fused f+b": fused_fb,
+        "seq f+b": seq_fb,
+        "floor": five_gemms(x, y, w1, w2),
+    }
     opt_net = TwoLayerNet(*shape[1:], dtype=dtype)
     for p in opt_net.parameters():
         p.grad = torch.randn_like(p)
@@ -80,6 +85,7 @@ def _calls(shape, dtype):
 
 def _adamw_steps(x, y, net, seq):
     """A newcomer's training step both ways: loss, backward, clip_grad_norm_, AdamW."""
+
     def make(model, loss_of):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-9)
 
@@ -88,7 +94,9 @@ def _adamw_steps(x, y, net, seq):
             loss_of().backward()
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
+
         return step
+
     mse = nn.MSELoss()
     return (make(seq, lambda: mse(seq(x), y)), make(net, lambda: net.loss(x, y, "mean")))
 
@@ -112,20 +120,30 @@ def measure(calls, rounds, block_s):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m twolayer_ext.routes", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", action="append", type=lambda s: (s, SIZES[s]) if s in SIZES else _size(s))
+    p = argparse.ArgumentParser(
+        prog="python -m twolayer_ext.routes",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--size", action="append", type=lambda s: (s, SIZES[s]) if s in SIZES else _size(s)
+    )
     p.add_argument("--dtype", action="append", choices=["float32", "float64"])
     p.add_argument("--threads", action="append", type=int)
     p.add_argument("--busy", type=int, default=0)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--block", type=float, default=0.02, help="seconds per timed block")
     args = p.parse_args(argv)
-    sizes = args.size or [(n, SIZES[n]) for n in ("seed", "medium", "large", "narrow", "mlp", "1x1")]
+    sizes = args.size or [
+        (n, SIZES[n]) for n in ("seed", "medium", "large", "narrow", "mlp", "1x1")
+    ]
     cols = ["sgd_step", "fused f+b", "seq f+b", "floor", *OPTIMIZERS]
     print(f"# {torch.__version__}, busy processes: {args.busy}; microseconds per call (medians)")
-    print(f"{'size':<8} {'dtype':<8} {'thr':>3} " + " ".join(f"{c:>12}" for c in cols)
-          + f" {'f+b/sgd':>8} {'vs seq+SGD':>10}")
+    print(
+        f"{'size':<8} {'dtype':<8} {'thr':>3} "
+        + " ".join(f"{c:>12}" for c in cols)
+        + f" {'f+b/sgd':>8} {'vs seq+SGD':>10}"
+    )
     with busy_loops(args.busy):
         for threads in args.threads or [torch.get_num_threads()]:
             torch.set_num_threads(threads)
@@ -134,15 +152,20 @@ def main(argv=None):
                     t = measure(_calls(shape, DTYPES[dtype]), args.rounds, args.block)
                     ratio = t["fused f+b"] / t["sgd_step"]
                     vs_seq = (t["seq f+b"] + t["SGD"]) / (t["fused f+b"] + t["SGD"])
-                    print(f"{name:<8} {dtype:<8} {threads:>3} " +
-                          " ".join(f"{t[c]:>12,.1f}" for c in cols) +
-                          f" {ratio:>8.2f} {vs_seq:>9.2f}x", flush=True)
+                    print(
+                        f"{name:<8} {dtype:<8} {threads:>3} "
+                        + " ".join(f"{t[c]:>12,.1f}" for c in cols)
+                        + f" {ratio:>8.2f} {vs_seq:>9.2f}x",
+                        flush=True,
+                    )
                     if "seq AdamW step" in t:
-                        print(f"{'':<8} {'':<8} {'':>3} AdamW + clip, whole step: nn.Sequential "
-                              f"{t['seq AdamW step']:,.0f} us, TwoLayerNet.loss "
-                              f"{t['fused AdamW step']:,.0f} us "
-                              f"({t['seq AdamW step'] / t['fused AdamW step']:.2f}x); GEMM floor "
-                              f"{t['floor']:,.0f} us")
+                        print(
+                            f"{'':<8} {'':<8} {'':>3} AdamW + clip, whole step: nn.Sequential "
+                            f"{t['seq AdamW step']:,.0f} us, TwoLayerNet.loss "
+                            f"{t['fused AdamW step']:,.0f} us "
+                            f"({t['seq AdamW step'] / t['fused AdamW step']:.2f}x); GEMM floor "
+                            f"{t['floor']:,.0f} us"
+                        )
     return 0
 
 

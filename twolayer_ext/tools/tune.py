@@ -9,6 +9,7 @@ thread count, shape bucket) measures the same way but within a time budget (abou
 fewer rows when a step is large; --bounded measures that way here. Picks go to the wisdom file
 (TWOLAYER_WISDOM, else the user's cache folder; see docs/design.md), so later processes reuse them.
 """
+
 import argparse
 import json
 import sys
@@ -23,17 +24,36 @@ _ops = torch.ops.twolayer_ext
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m twolayer_ext.tune", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", action="append", type=_size, metavar="NAME|N,D_in,H,D_out",
-                   help=f"repeatable; a name ({', '.join(SIZES)}) or four ints "
-                        "(default: seed, medium, large, narrow)")
-    p.add_argument("--dtype", action="append", choices=["float32", "float64"],
-                   help="repeatable (default float32)")
-    p.add_argument("--threads", action="append", type=int,
-                   help=f"repeatable (default {torch.get_num_threads()}, torch's)")
-    p.add_argument("--bounded", action="store_true",
-                   help="measure within the first call's budget, not at each size's own N")
+    p = argparse.ArgumentParser(
+        prog="python -m twolayer_ext.tune",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--size",
+        action="append",
+        type=_size,
+        metavar="NAME|N,D_in,H,D_out",
+        help=f"repeatable; a name ({', '.join(SIZES)}) or four ints "
+        "(default: seed, medium, large, narrow)",
+    )
+    p.add_argument(
+        "--dtype",
+        action="append",
+        choices=["float32", "float64"],
+        help="repeatable (default float32)",
+    )
+    p.add_argument(
+        "--threads",
+        action="append",
+        type=int,
+        help=f"repeatable (default {torch.get_num_threads()}, torch's)",
+    )
+    p.add_argument(
+        "--bounded",
+        action="store_true",
+        help="measure within the first call's budget, not at each size's own N",
+    )
     p.add_argument("--json", metavar="FILE", help="every measurement, as a JSON list")
     args = p.parse_args(argv)
     if any(t < 1 for t in args.threads or []):
@@ -47,7 +67,9 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     rows = []
-    print(f"{'size':<10} {'dtype':<8} {'threads':>7}  {'pick':<14} {'rows':>6} {'cost ms':>8}  times per step")
+    print(
+        f"{'size':<10} {'dtype':<8} {'threads':>7}  {'pick':<14} {'rows':>6} {'cost ms':>8}  times per step"
+    )
     for threads in args.threads:
         torch.set_num_threads(threads)
         for dtype in args.dtype:
@@ -56,8 +78,11 @@ def main(argv=None):
                 r.update(size=name, shape=list(shape), dtype=dtype, threads=threads)
                 rows.append(r)
                 times = ", ".join(f"{k} {v:,.0f} us" for k, v in r["us"].items())
-                print(f"{name:<10} {dtype:<8} {threads:>7}  {r['pick']:<14} {r['rows']:>6} "
-                      f"{r['cost_ms']:>8.1f}  {times}", flush=True)
+                print(
+                    f"{name:<10} {dtype:<8} {threads:>7}  {r['pick']:<14} {r['rows']:>6} "
+                    f"{r['cost_ms']:>8.1f}  {times}",
+                    flush=True,
+                )
     print(f"wisdom: {rows[-1]['wisdom'] or 'off (TWOLAYER_WISDOM=off: in memory only)'}")
     if args.json:
         write_atomic(args.json, lambda f: f.write(json.dumps(rows, indent=1).encode()))
