@@ -57,6 +57,13 @@ TORCH_LIBRARY(twolayer_ext, m) {
           }
           return twolayer::cpu::kernel_info(d, dtype);
         });
+  m.def("cpu_kernel_choice(int[] dims, ScalarType dtype=float) -> str",
+        [](at::IntArrayRef dims, c10::ScalarType dtype) {
+          TORCH_CHECK_VALUE(dims.size() == 4,
+                            "cpu_kernel_choice: shape must be (N, D_in, H, D_out), got ",
+                            dims.size(), " numbers");
+          return twolayer::cpu::kernel_choice({dims[0], dims[1], dims[2], dims[3]}, dtype);
+        });
   // Measures auto's choice for this problem now and remembers it (cpu/tuner.h); JSON.
   m.def("cpu_kernel_tune(int[] dims, ScalarType dtype=float, bool full=False) -> str",
         [](at::IntArrayRef dims, c10::ScalarType dtype, bool full) {

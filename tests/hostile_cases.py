@@ -123,7 +123,7 @@ def rank_msg(fn, name):
     return rf"{fn}: {name} must have shape \[(H|D_out)\]"
 
 
-# float16 and bfloat16 are served on every device (csrc/cpu/lowp_cpu.cpp on the CPU).
+# float16 and bfloat16 are served on every device (the composite step, csrc/composite/, on the CPU).
 BAD_DTYPES = [torch.int64, torch.int32, torch.uint8, torch.bool, torch.int16, torch.complex64]
 NON_TENSORS = [
     ("list", [[1.0, 2.0, 3.0]]),

@@ -46,7 +46,7 @@ TF32_TOL = 8 * TF32_U
 # max|error| / max|expected| against the float64 oracle). A CPU emulation of the roundings gives
 # at most 4e-7 (float32), 4e-4 (TF32), 6e-4 (float16) and 4e-3 (bfloat16) on these problems.
 # The "-default" ones run as torch ships (reduced-precision reductions allowed), the
-# configuration most users have, where the README's "accumulating in float32" must still hold
+# configuration most users have, where docs/gpu.md's "accumulating in float32" must still hold
 # to 1e-2. There cuBLAS may split K and sum the partial products in float16/bfloat16, which can
 # flip the ReLU mask where h is within that rounding of 0; a flip moves grad_x by 5-15% on a
 # correct kernel, so those rows are bounded against the oracle run with the kernel's own mask

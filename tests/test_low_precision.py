@@ -1,7 +1,7 @@
 """bfloat16 and float16: every op against the float64 oracle within a rounding-error bound,
 float32 accumulation, the ReLU's sign mask, opcheck, autocast, and a bfloat16 TwoLayerNet.
 
-On the CPU one implementation serves every kernel variant (csrc/cpu/lowp_cpu.cpp: ATen's GEMMs
+On the CPU one implementation serves every kernel variant (the composite step, csrc/composite/step.h with cpu_policy.h: ATen's GEMMs
 plus our float32 elementwise passes), so these tests run once, not per variant;
 test_every_cpu_variant_runs_the_same_low_precision_path checks that claim.
 

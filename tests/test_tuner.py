@@ -21,7 +21,7 @@ CHILD = textwrap.dedent(
     warnings.simplefilter("always")
     torch.manual_seed(0)
     with warnings.catch_warnings(record=True) as caught:
-        info = tl.cpu_kernel_info(%r)
+        info = tl.cpu_kernel_choice(%r)
         x, y = torch.randn(96, 200), torch.randn(96, 8)
         w1, w2 = torch.randn(200, 64) * 0.07, torch.randn(64, 8) * 0.1
         loss = tl.sgd_step(x, y, w1, w2, lr=1e-3).item()
@@ -44,19 +44,18 @@ def child(wisdom, **env):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def picked(info):
-    return info.split(":")[1].split(",")[0].strip()
-
-
 def test_measured_once_then_remembered():
     with tl.use_cpu_kernel("auto"):
-        first = tl.cpu_kernel_info(SHAPE)
-        assert "measured at N=96" in first and picked(first) in tl.CPU_VARIANTS
-        assert tl.cpu_kernel_info(SHAPE) == first  # the same times: not measured again
+        first = tl.cpu_kernel_choice(SHAPE)
+        assert first["how"] == "measured" and first["variant"] in tl.CPU_VARIANTS, first
+        report = tl.cpu_kernel_info(SHAPE)
+        assert first["variant"] in report
+        assert tl.cpu_kernel_info(SHAPE) == report  # the same times: not measured again
         # another shape of the same bucket shares the pick
-        assert picked(tl.cpu_kernel_info((100, 190, 60, 7))) == picked(first)
+        assert tl.cpu_kernel_choice((100, 190, 60, 7))["variant"] == first["variant"]
     with tl.use_cpu_kernel("blas"):  # a pinned variant is never measured
-        assert tl.cpu_kernel_info(SHAPE).startswith("blas: blas, threads:")
+        choice = tl.cpu_kernel_choice(SHAPE)
+        assert (choice["choice"], choice["variant"], choice["how"]) == ("blas", "blas", "pinned")
 
 
 def test_measuring_leaves_the_random_stream_alone():
@@ -70,20 +69,20 @@ def test_measuring_leaves_the_random_stream_alone():
 
 def test_tiny_problems_take_the_rule_unmeasured():
     with tl.use_cpu_kernel("auto"):
-        assert "rule: below" in tl.cpu_kernel_info((4, 8, 8, 2))
+        assert tl.cpu_kernel_choice((4, 8, 8, 2))["how"] == "rule"
 
 
 @pytest.mark.slow  # two subprocesses, each measuring
 def test_wisdom_file_is_written_and_read_back_with_the_same_pick(tmp_path):
     wisdom = tmp_path / "sub" / "wisdom.txt"
     first = child(wisdom)
-    assert "measured" in first["info"] and not first["warnings"]
+    assert first["info"]["how"] == "measured" and not first["warnings"]
     lines = wisdom.read_text().splitlines()
     assert lines[0] == "twolayer_ext wisdom 1" and lines[1].startswith("identity ")
     assert any(line.startswith("step float32 t") and "128x256x64x8" in line for line in lines[2:])
     second = child(wisdom)
-    assert "wisdom at N=96" in second["info"] and not second["warnings"]
-    assert picked(second["info"]) == picked(first["info"])
+    assert second["info"]["how"] == "wisdom" and not second["warnings"]
+    assert second["info"]["variant"] == first["info"]["variant"]
     assert second["loss"] == first["loss"]  # the same variant: the same bits
 
 
@@ -107,7 +106,7 @@ def test_bad_wisdom_warns_once_and_measures_again(tmp_path, bad):
             "\n".join([*lines, "step float32 t1 64x64x64x64\t64\tno-such-variant=1"]) + "\n"
         )
     got = child(wisdom)
-    assert "measured" in got["info"]
+    assert got["info"]["how"] == "measured"
     assert len(got["warnings"]) == 1 and "measures its choices again" in got["warnings"][0]
     assert child(wisdom)["warnings"] == []  # rewritten whole, good again
 
@@ -123,7 +122,7 @@ def test_unwritable_wisdom_never_fails_a_call(tmp_path):
         else:
             wisdom = folder / "wisdom.txt"
         got = child(wisdom)
-        assert "measured" in got["info"]
+        assert got["info"]["how"] == "measured"
         assert len(got["warnings"]) == 1 and "cannot write the wisdom file" in got["warnings"][0]
     finally:
         folder.chmod(0o700)
@@ -132,7 +131,7 @@ def test_unwritable_wisdom_never_fails_a_call(tmp_path):
 @pytest.mark.slow  # a subprocess that measures
 def test_wisdom_off_writes_nothing(tmp_path):
     got = child("off", HOME=str(tmp_path), XDG_CACHE_HOME=str(tmp_path / "cache"))
-    assert "measured" in got["info"] and not any(tmp_path.rglob("*wisdom*"))
+    assert got["info"]["how"] == "measured" and not any(tmp_path.rglob("*wisdom*"))
 
 
 @pytest.mark.slow  # the tune CLI in a subprocess

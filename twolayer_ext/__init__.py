@@ -12,6 +12,7 @@ from .module import TwoLayerNet
 from .ops import (
     CPU_KERNELS,
     CPU_VARIANTS,
+    cpu_kernel_choice,
     cpu_kernel_info,
     cpu_kernel_missing,
     l2_loss,
@@ -36,5 +37,6 @@ __all__ = [
     "set_cpu_kernel",
     "use_cpu_kernel",
     "cpu_kernel_info",
+    "cpu_kernel_choice",
 ]
 __version__ = "0.1.0"

@@ -4,6 +4,7 @@ for torch.compile, and their autograd formulas. The kernels are in csrc/."""
 from __future__ import annotations
 
 import contextlib
+import json
 from typing import Iterator, Sequence
 
 import torch
@@ -151,6 +152,13 @@ def cpu_kernel_info(shape: Sequence[int] | None = None, dtype: torch.dtype = tor
     """The CPU kernel choice and the thread count; given shape = (N, D_in, H, D_out), also
     the variant it runs for that problem in that dtype, e.g. "auto: blas, threads: 2"."""
     return _ops.cpu_kernel_info(None if shape is None else [int(v) for v in shape], dtype)
+
+
+def cpu_kernel_choice(shape: Sequence[int], dtype: torch.dtype = torch.float32) -> dict:
+    """What runs for a problem of shape (N, D_in, H, D_out) in that dtype, as data:
+    {"choice": "auto", "variant": "blas", "how": "measured", "threads": 2}; "how" is "measured",
+    "wisdom", "rule", "pinned" or "low precision" (float16/bfloat16: variant "composite")."""
+    return json.loads(_ops.cpu_kernel_choice([int(v) for v in shape], dtype))
 
 
 @contextlib.contextmanager

@@ -6,6 +6,8 @@
 // take the caller's time), then sleep on a condition variable.
 #include "pool.h"
 
+#include "tuning.h"
+
 #include <ATen/Parallel.h>
 #include <pthread.h>
 #include <sched.h>
@@ -23,10 +25,8 @@ namespace twolayer::cpu {
 
 namespace {
 
-// Chunks per thread: more than one, so that a late worker's share is small pieces that
-// the others pick up.
-constexpr int64_t kChunksPerThread = 4;
-constexpr auto kSpin = std::chrono::microseconds(50);
+constexpr int64_t kChunksPerThread = tuning::kPoolChunksPerThread;
+constexpr auto kSpin = std::chrono::microseconds(tuning::kPoolSpinMicroseconds);
 
 thread_local bool in_region = false;
 thread_local bool use_pool = false;  // set by PoolScope

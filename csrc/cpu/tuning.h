@@ -1,6 +1,6 @@
 // Every tuning constant of the CPU kernels, in one place: the GEMM's register
 // tiles and cache blocks per instruction set, the thread and narrow-path cut-offs,
-// and the shape rule of the "auto" variant. (Measurements behind them: README,
+// and the shape rule of the "auto" variant. (Measurements behind them:
 // docs/performance.md.)
 #pragma once
 
@@ -62,6 +62,12 @@ inline bool row_blocked(int64_t N, int64_t D_in, int64_t H, int64_t D_out) {
 // A kernel call's per-thread workspace above this size is freed when the call returns (the
 // benchmark sizes stay below it, the large one in float64 at 75 MB, and reuse theirs).
 constexpr int64_t kWorkspaceKeepBytes = int64_t(128) << 20;
+
+// The worker pool (pool.cpp): chunks per thread, more than one, so that a late worker's share
+// is small pieces the others pick up; how long an idle worker spins (yielding the core) before
+// it sleeps.
+constexpr int64_t kPoolChunksPerThread = 4;
+constexpr int kPoolSpinMicroseconds = 50;
 
 // Elementwise passes: elements per thread task.
 constexpr int64_t kElementwiseGrain = int64_t(1) << 15;

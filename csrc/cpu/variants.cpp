@@ -168,6 +168,22 @@ std::string kernel_info(const std::optional<Dims>& d, c10::ScalarType dtype) {
   return s + ", threads: " + std::to_string(at::get_num_threads()) + why;
 }
 
+std::string kernel_choice(const Dims& d, c10::ScalarType dtype) {
+  const int c = current_choice();
+  std::string variant, how;
+  if (low_precision(dtype)) {
+    variant = "composite", how = "low precision";  // one path whatever the choice
+  } else if (c == kAuto) {
+    tuned_row();
+    const tuner::Pick p = tuner::pick(d, dtype);
+    variant = kTable[p.row].name, how = p.why.substr(0, p.why.find_first_of(" :"));
+  } else {
+    variant = kTable[row_for(c, d, dtype)].name, how = "pinned";
+  }
+  return "{\"choice\": \"" + choice_name(c) + "\", \"variant\": \"" + variant + "\", \"how\": \"" +
+         how + "\", \"threads\": " + std::to_string(at::get_num_threads()) + "}";
+}
+
 int variant_count() { return kRows; }
 const Variant& variant_at(int row) { return kTable[row]; }
 int variant_row(c10::string_view name) { return row_of(name); }

@@ -49,6 +49,9 @@ const Variant& variant_for(const Dims& d, c10::ScalarType dtype);
 std::string set_kernel_variant(c10::string_view name, bool this_thread);
 // The choice, what it runs (for these dims and dtype, if given) and the thread count.
 std::string kernel_info(const std::optional<Dims>& d, c10::ScalarType dtype);
+// The same as a JSON object: {"choice", "variant" (what runs), "how" ("measured", "wisdom",
+// "rule", "pinned" or "low precision"), "threads"}.
+std::string kernel_choice(const Dims& d, c10::ScalarType dtype);
 // Every table name, in table order.
 std::vector<std::string> kernel_names();
 // Why this CPU cannot run the variant ("" when it can).

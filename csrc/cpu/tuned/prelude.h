@@ -11,6 +11,7 @@
 #include <new>
 #include <vector>
 
+#include "../../loss_value.h"
 #include "../cpu_impl.h"
 #include "../pool.h"
 #include "../tuning.h"
