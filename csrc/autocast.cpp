@@ -53,8 +53,10 @@ template <c10::DeviceType dev>
 at::Tensor two_layer_l2_loss_autocast(const at::Tensor& x, const at::Tensor& target,
                                       const at::Tensor& w1, const at::Tensor& w2,
                                       const OptTensor& b1, const OptTensor& b2,
-                                      c10::string_view reduction) {
-  return l2_loss_autocast<dev>(two_layer_autocast<dev>(x, w1, w2, b1, b2), target, reduction);
+                                      c10::string_view reduction, bool linear_layout) {
+  const at::Tensor y = linear_layout ? two_layer_autocast<dev>(x, w1.t(), w2.t(), b1, b2)
+                                     : two_layer_autocast<dev>(x, w1, w2, b1, b2);
+  return l2_loss_autocast<dev>(y, target, reduction);
 }
 
 }  // namespace

@@ -229,24 +229,33 @@ at::Tensor l2_loss_autograd(const at::Tensor& pred, const at::Tensor& target,
 at::Tensor two_layer_l2_loss_autograd(const at::Tensor& x, const at::Tensor& target,
                                       const at::Tensor& w1, const at::Tensor& w2,
                                       const OptTensor& b1, const OptTensor& b2,
-                                      c10::string_view reduction) {
+                                      c10::string_view reduction, bool linear_layout) {
   TWOLAYER_OP(fwd, two_layer_l2_loss_fwd);
   refuse_forward_ad("two_layer_l2_loss", x, target, w1, w2, b1, b2);
   std::array<bool, 6> mask{needs_grad(x),  needs_grad(target), needs_grad(w1),
                            needs_grad(w2), needs_grad(b1),     needs_grad(b2)};
   if (!c10::GradMode::is_enabled()) mask.fill(false);
+  // nn.Linear-layout weights: the kernel takes their transposes, made below autograd (no view
+  // nodes), and their gradients are transposed back (free views, in the weights' own layout).
+  const auto [kw1, kw2] =
+      below_autograd([&] { return linear_layout ? std::pair(w1.t(), w2.t()) : std::pair(w1, w2); });
   // Gradients in their weight's layout (kernels.h), so AccumulateGrad takes them as they are.
-  const std::array<bool, 2> transposed{transposed_layout(w1), transposed_layout(w2)};
+  const std::array<bool, 2> transposed{transposed_layout(kw1), transposed_layout(kw2)};
   auto outs = below_autograd(
-      [&] { return fwd.call(x, target, w1, w2, b1, b2, reduction, mask, transposed); });
+      [&] { return fwd.call(x, target, kw1, kw2, b1, b2, reduction, mask, transposed); });
   at::Tensor loss = std::get<0>(outs);
   if (!(mask[0] || mask[1] || mask[2] || mask[3] || mask[4] || mask[5])) return loss;
   auto node =
       make_node<ScaleSavedGrads>(torch::autograd::collect_next_edges(x, target, w1, w2, b1, b2));
   node->node_name = "TwoLayerL2LossBackward";
   node->saved.resize(6);
-  const std::array<OptTensor, 6> grads{std::get<1>(outs), std::get<2>(outs), std::get<3>(outs),
-                                       std::get<4>(outs), std::get<5>(outs), std::get<6>(outs)};
+  std::array<OptTensor, 6> grads{std::get<1>(outs), std::get<2>(outs), std::get<3>(outs),
+                                 std::get<4>(outs), std::get<5>(outs), std::get<6>(outs)};
+  if (linear_layout) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    for (size_t i : {2, 3})
+      if (grads[i]) grads[i] = grads[i]->t();
+  }
   for (size_t i = 0; i < 6; ++i)
     if (grads[i]) node->saved[i] = SavedVariable(*grads[i], false);
   torch::autograd::set_history(loss, node);
@@ -269,9 +278,11 @@ at::Tensor l2_loss_plain(const at::Tensor& pred, const at::Tensor& target,
 
 at::Tensor two_layer_l2_loss_plain(const at::Tensor& x, const at::Tensor& target,
                                    const at::Tensor& w1, const at::Tensor& w2, const OptTensor& b1,
-                                   const OptTensor& b2, c10::string_view reduction) {
+                                   const OptTensor& b2, c10::string_view reduction,
+                                   bool linear_layout) {
   TWOLAYER_OP(fwd, two_layer_l2_loss_fwd);
-  return std::get<0>(fwd.call(x, target, w1, w2, b1, b2, reduction, {}, {}));
+  const at::Tensor kw1 = linear_layout ? w1.t() : w1, kw2 = linear_layout ? w2.t() : w2;
+  return std::get<0>(fwd.call(x, target, kw1, kw2, b1, b2, reduction, {}, {}));
 }
 
 // ---- the kernel ops: computed below autograd, never differentiated ----------------------------

@@ -29,23 +29,24 @@ using LossAndGrad = std::tuple<at::Tensor, OptTensor>;
 }  // namespace twolayer
 
 // The public, differentiable ops (autograd formulas in autograd.cpp, autocast in autocast.cpp).
-#define TWOLAYER_PUBLIC_OPS(X)                                                                     \
-  /* y = relu(x @ w1 + b1) @ w2 + b2 */                                                            \
-  X(two_layer, two_layer, "(Tensor x, Tensor w1, Tensor w2, Tensor? b1=None, Tensor? b2=None)",    \
-    "Tensor", at::Tensor,                                                                          \
-    (const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, const OptTensor& b1,         \
-     const OptTensor& b2))                                                                         \
-  /* Sum or mean of (pred - target)^2, 0-dim. */                                                   \
-  X(l2_loss, l2_loss, "(Tensor pred, Tensor target, str reduction=\"sum\")", "Tensor", at::Tensor, \
-    (const at::Tensor& pred, const at::Tensor& target, c10::string_view reduction))                \
-  /* l2_loss(two_layer(x, w1, w2, b1, b2), target, reduction), its gradients made in the */        \
-  /* forward. */                                                                                   \
-  X(two_layer_l2_loss, two_layer_l2_loss,                                                          \
-    "(Tensor x, Tensor target, Tensor w1, Tensor w2, Tensor? b1=None, Tensor? b2=None,"            \
-    " str reduction=\"sum\")",                                                                     \
-    "Tensor", at::Tensor,                                                                          \
-    (const at::Tensor& x, const at::Tensor& target, const at::Tensor& w1, const at::Tensor& w2,    \
-     const OptTensor& b1, const OptTensor& b2, c10::string_view reduction))
+#define TWOLAYER_PUBLIC_OPS(X)                                                                       \
+  /* y = relu(x @ w1 + b1) @ w2 + b2 */                                                              \
+  X(two_layer, two_layer, "(Tensor x, Tensor w1, Tensor w2, Tensor? b1=None, Tensor? b2=None)",      \
+    "Tensor", at::Tensor,                                                                            \
+    (const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, const OptTensor& b1,           \
+     const OptTensor& b2))                                                                           \
+  /* Sum or mean of (pred - target)^2, 0-dim. */                                                     \
+  X(l2_loss, l2_loss, "(Tensor pred, Tensor target, str reduction=\"sum\")", "Tensor", at::Tensor,   \
+    (const at::Tensor& pred, const at::Tensor& target, c10::string_view reduction))                  \
+  /* l2_loss(two_layer(x, w1, w2, b1, b2), target, reduction), its gradients made in the           \
+     forward. linear_layout: w1, w2 given as nn.Linear weights [H, D_in], [D_out, H], whose        \
+     transposes are taken below autograd (no view nodes in the graph). */ \
+  X(two_layer_l2_loss, two_layer_l2_loss,                                                            \
+    "(Tensor x, Tensor target, Tensor w1, Tensor w2, Tensor? b1=None, Tensor? b2=None,"              \
+    " str reduction=\"sum\", bool linear_layout=False)",                                             \
+    "Tensor", at::Tensor,                                                                            \
+    (const at::Tensor& x, const at::Tensor& target, const at::Tensor& w1, const at::Tensor& w2,      \
+     const OptTensor& b1, const OptTensor& b2, c10::string_view reduction, bool linear_layout))
 
 // The kernel ops behind them, one kernel per device each (kernels.h). act is what the backward
 // needs (kernels.h).

@@ -241,3 +241,26 @@ def test_default_reduction_is_mse_loss_default():
     ref.backward()
     torch.testing.assert_close(net.weight1.grad, seq[0].weight.grad)
     torch.testing.assert_close(net.bias2.grad, seq[2].bias.grad)
+
+
+def test_module_loss_graph_has_no_view_nodes_and_matches_the_views():
+    # TwoLayerNet.loss passes its nn.Linear-layout parameters as they are (linear_layout): the
+    # same loss and gradients as through the tutorial-layout views, without TBackward nodes,
+    # and the gradients land in the parameters' own layout.
+    torch.manual_seed(0)
+    net = tl.TwoLayerNet(6, 5, 3, dtype=torch.float64)
+    x, y = torch.randn(7, 6, dtype=torch.float64), torch.randn(7, 3, dtype=torch.float64)
+    loss = net.loss(x, y, "sum")
+    assert {e[0].name() for e in loss.grad_fn.next_functions if e[0]} == {
+        "torch::autograd::AccumulateGrad"
+    }
+    loss.backward()
+    fused = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    tl.two_layer_l2_loss(x, y, net.w1, net.w2, net.b1, net.b2, reduction="sum").backward()
+    for p, g in zip(net.parameters(), fused):
+        torch.testing.assert_close(g, p.grad, rtol=1e-12, atol=1e-12)
+        assert g.stride() == p.stride()
+    torch.testing.assert_close(
+        loss, tl.two_layer_l2_loss(x, y, net.w1, net.w2, net.b1, net.b2, reduction="sum")
+    )

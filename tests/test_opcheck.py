@@ -62,6 +62,9 @@ def test_opcheck_two_layer_l2_loss(device, bias, reduction, which):
     if which == "weights":
         x = x.detach()
     opcheck(OPS.two_layer_l2_loss, (x, target, w1, w2, b1, b2, reduction))
+    # nn.Linear-layout weights (TwoLayerNet's own parameters)
+    lin = [w.detach().t().contiguous().requires_grad_(w.requires_grad) for w in (w1, w2)]
+    opcheck(OPS.two_layer_l2_loss, (x, target, *lin, b1, b2, reduction, True))
     mask = [which == "all"] * 2 + [which != "none"] * 2 + [which != "none" and bias] * 2
     plain = [None if t is None else t.detach() for t in (x, target, w1, w2, b1, b2)]
     opcheck(OPS.two_layer_l2_loss_fwd, (*plain, reduction, mask))

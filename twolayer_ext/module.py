@@ -9,7 +9,7 @@ from typing import Any, MutableMapping, cast
 import torch
 from torch import Tensor, nn
 
-from .ops import _sgd_step, two_layer, two_layer_l2_loss
+from .ops import _sgd_step, _two_layer_l2_loss, two_layer
 
 
 class TwoLayerNet(nn.Module):
@@ -98,8 +98,9 @@ class TwoLayerNet(nn.Module):
         The default is "mean", as nn.MSELoss()'s, so the module replaces nn.Sequential +
         nn.MSELoss() as it is; the tutorial's sum of squares is reduction="sum" (a gradient
         N * D_out times larger)."""
-        return two_layer_l2_loss(
-            x, target, self.w1, self.w2, self.bias1, self.bias2, reduction=reduction
+        # The nn.Linear-layout parameters themselves (no .t() views in the autograd graph).
+        return _two_layer_l2_loss(
+            x, target, self.weight1, self.weight2, self.bias1, self.bias2, reduction, True
         )
 
     def sgd_step(self, x: Tensor, target: Tensor, lr: float, reduction: str = "sum") -> Tensor:

@@ -49,15 +49,20 @@ def _unrows(y, lead):
     return y if lead is None else y.reshape(*lead, y.shape[-1])
 
 
-def _target_rows(fn, x, lead, target, w2):
+def _d_out(w2, linear_layout=False):
+    """D_out of a 2-D w2 ([H, D_out], or [D_out, H] in nn.Linear's layout), for messages."""
+    if not isinstance(w2, Tensor) or w2.dim() != 2:
+        return "D_out"
+    return w2.shape[0] if linear_layout else w2.shape[1]
+
+
+def _target_rows(fn, x, lead, target, d_out):
     """target [*, D_out] with the leading dimensions of x, as [N, D_out]."""
     if lead is None and target.dim() == 2:
         return target
     x_lead = list(x.shape[:-1]) if lead is None else list(lead)
     if target.dim() == 0 or list(target.shape[:-1]) != x_lead:
-        expected = x_lead + (
-            [w2.shape[-1]] if isinstance(w2, Tensor) and w2.dim() == 2 else ["D_out"]
-        )
+        expected = x_lead + [d_out]
         raise ValueError(
             f"{fn}: target must have shape [*, D_out] = {expected} (x's leading "
             f"dimensions, then D_out), got {list(target.shape)}"
@@ -112,14 +117,20 @@ def two_layer_l2_loss(
     it is the forward and the loss alone. x [*, D_in], target [*, D_out] with x's leading
     dimensions. Works with any torch.optim optimizer, gradient accumulation and DDP.
     """
+    return _two_layer_l2_loss(x, target, w1, w2, b1, b2, reduction, False)
+
+
+def _two_layer_l2_loss(x, target, w1, w2, b1, b2, reduction, linear_layout):
+    """two_layer_l2_loss; linear_layout: w1, w2 are nn.Linear weights [H, D_in], [D_out, H]
+    (TwoLayerNet's parameters, passed without .t() views in the autograd graph)."""
     for name, value in (("x", x), ("target", target), ("w1", w1), ("w2", w2)):
         _require_tensor("two_layer_l2_loss", name, value)
     _require_tensor("two_layer_l2_loss", "b1", b1, optional=True)
     _require_tensor("two_layer_l2_loss", "b2", b2, optional=True)
     _require_reduction("two_layer_l2_loss", reduction)
     x2, lead = _rows("two_layer_l2_loss", x)
-    t2 = _target_rows("two_layer_l2_loss", x, lead, target, w2)
-    return _ops.two_layer_l2_loss.default(x2, t2, w1, w2, b1, b2, reduction)
+    t2 = _target_rows("two_layer_l2_loss", x, lead, target, _d_out(w2, linear_layout))
+    return _ops.two_layer_l2_loss.default(x2, t2, w1, w2, b1, b2, reduction, linear_layout)
 
 
 # ---- CPU kernel variants ----------------------------------------------------------------------
@@ -246,7 +257,11 @@ def _two_layer_l2_loss_fwd_fake(
 
 
 @torch.library.register_fake("twolayer_ext::two_layer_l2_loss")
-def _two_layer_l2_loss_fake(x, target, w1, w2, b1=None, b2=None, reduction="sum"):
+def _two_layer_l2_loss_fake(
+    x, target, w1, w2, b1=None, b2=None, reduction="sum", linear_layout=False
+):
+    if linear_layout:
+        w1, w2 = w1.t(), w2.t()
     return _two_layer_l2_loss_fwd_fake(x, target, w1, w2, b1, b2, reduction, [False] * 6)[0]
 
 
@@ -301,7 +316,7 @@ def _sgd_step(x, target, w1, w2, b1, b2, lr, reduction, update):
                 )
     _require_reduction("sgd_step", reduction)
     x2, lead = _rows("sgd_step", x)
-    t2 = _target_rows("sgd_step", x, lead, target, w2)
+    t2 = _target_rows("sgd_step", x, lead, target, _d_out(w2))
     with torch.no_grad():
         return _ops.sgd_step.default(x2, t2, w1, w2, b1, b2, float(lr), reduction, update)
 
