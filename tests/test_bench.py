@@ -87,18 +87,18 @@ def test_names_come_from_the_registry_and_the_cpu_kernels():
 @pytest.mark.parametrize(
     "name, says",
     [
-        ("jax", "backend must be one of"),
+        ("jax", "recipe must be one of"),
         ("module+rmsprop", "optimizer of module"),
         ("sgd_step+adam", "optimizer of sgd_step"),
-        ("module[tuned]", "takes no [CPU_KERNEL]"),
+        ("module[tuned]", "takes no [VARIANT]"),
         ("sgd_step[nope]", "CPU kernel must be one of"),
-        (3, "backend must be one of"),
+        (3, "recipe must be one of"),
     ],
 )
 def test_bad_backend_names_say_what_was_expected(name, says):
     with pytest.raises(ValueError, match=re.escape(says)) as e:
         B.parse(name)
-    assert str(e.value).startswith("backend")
+    assert str(e.value).startswith("recipe")
 
 
 # ---- the harness --------------------------------------------------------------------------------
@@ -398,7 +398,7 @@ def test_table_columns_fit_long_names(capsys):
     header, rows = lines[0], lines[1:]
     for row in rows:
         cells = [m.span() for m in re.finditer(r"\S+", row)]
-        for c, col in enumerate(("size", "dtype", "backend", "variant")):  # flush left
+        for c, col in enumerate(("size", "dtype", "recipe", "variant")):  # flush left
             assert cells[c][0] == header.index(col), (col, lines)
         if "non-finite" not in row:
             for c, col in zip((4, 8), ("median us", "x module")):  # flush right

@@ -85,7 +85,7 @@ def test_default_run_is_the_tutorial(tmp_path):
         losses = [backends[n]["losses"][step] for n in backends]
         np.testing.assert_allclose(values[:4], losses, rtol=1e-6)
         assert values[4] >= 0
-    assert "fused sgd_step" in proc.stdout and "backends agree" in proc.stdout
+    assert "fused sgd_step" in proc.stdout and "recipes agree" in proc.stdout
     assert png.read_bytes()[:8] == PNG_MAGIC
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.json", "demo.png"]
 
@@ -144,7 +144,7 @@ def test_one_backend_float32(tmp_path, capsys):
     assert list(summary["backends"]) == ["sgd_step"]
     fused = summary["backends"]["sgd_step"]
     assert fused["speedup_vs_autograd"] is None and "n/a" in stdout
-    assert "max rel diff" not in stdout and "backends agree" not in stdout
+    assert "max rel diff" not in stdout and "recipes agree" not in stdout
     x, y, params = R.tutorial_data(16, 50, 20, 4, seed=0)
     expected = [R.numpy_sgd_step(x, y, params, 1e-4) for _ in range(40)]
     np.testing.assert_allclose(fused["losses"], expected, rtol=1e-3)  # float32 vs float64

@@ -410,7 +410,7 @@ def print_table(report):
     header = [
         "size",
         "dtype",
-        "backend",
+        "recipe",
         "variant",
         "median us",
         "IQR us",

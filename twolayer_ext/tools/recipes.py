@@ -277,22 +277,22 @@ def parse(name: str) -> Spec:
     recipe = RECIPES.get(m["base"]) if m else None
     if recipe is None:
         raise ValueError(
-            f"backend must be one of {', '.join(RECIPES)} (with +OPTIMIZER or "
-            f"[CPU_KERNEL] where offered), got {name!r}"
+            f"recipe must be one of {', '.join(RECIPES)} (with +OPTIMIZER or "
+            f"[VARIANT] where offered), got {name!r}"
         )
     assert m is not None  # a recipe was found, so the name matched
     optimizer = m["opt"] or "sgd"
     if optimizer not in recipe.optimizers:
         raise ValueError(
-            f"backend {name!r}: the optimizer of {recipe.name} must be one of "
+            f"recipe {name!r}: the optimizer of {recipe.name} must be one of "
             f"{', '.join(recipe.optimizers)}, got {optimizer!r}"
         )
     variant = m["kernel"]
     if variant is not None and not recipe.per_variant:
-        raise ValueError(f"backend {name!r}: {recipe.name} takes no [CPU_KERNEL]")
+        raise ValueError(f"recipe {name!r}: {recipe.name} takes no [VARIANT]")
     if variant is not None and variant not in CPU_KERNELS:
         raise ValueError(
-            f"backend {name!r}: the CPU kernel must be one of "
+            f"recipe {name!r}: the CPU kernel must be one of "
             f"{', '.join(CPU_KERNELS)}, got {variant!r}"
         )
     return Spec(recipe, optimizer, variant)
@@ -321,7 +321,7 @@ def variant_ran(
     name: str, shape: Tuple[int, int, int, int], dtype: torch.dtype, device: str = "cpu"
 ) -> str:
     """The CPU kernel variant recipe `name` runs for this problem ("-" where none of ours
-    does): its [CPU_KERNEL], else the choice in effect, auto's pick resolved for the shape."""
+    does): its [VARIANT], else the choice in effect, auto's pick resolved for the shape."""
     spec = parse(name)
     if not spec.recipe.ours or device != "cpu":
         return "-"

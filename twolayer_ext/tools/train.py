@@ -504,7 +504,7 @@ def run_compare(args):
     speedup = {n: median["autograd"] / median[n] if "autograd" in median else None for n in names}
     label = {n: B.label(n) for n in names}
     lw = max(16, *(len(v) + 2 for v in label.values()))
-    print(f"\n{'backend':<{lw}}{'final loss':>14}{'median step':>14}{'vs autograd':>13}")
+    print(f"\n{'recipe':<{lw}}{'final loss':>14}{'median step':>14}{'vs autograd':>13}")
     for n in names:
         sp = f"{speedup[n]:.2f}x" if speedup[n] is not None else "n/a"
         print(f"{label[n]:<{lw}}{losses[n][-1]:>14.6e}{_us(median[n]):>14}{sp:>13}")
@@ -513,7 +513,7 @@ def run_compare(args):
     max_rel = max(rel)
     if len(names) > 1:
         print(
-            f"backends agree: losses within {max_rel:.1e} (max rel diff over {args.steps} "
+            f"recipes agree: losses within {max_rel:.1e} (max rel diff over {args.steps} "
             f"steps), final weights within {w_rel:.1e} of {ref}"
         )
 
