@@ -233,11 +233,11 @@ bool has_memory(const at::Tensor& t) {
   return !t.is_meta() && !t.key_set().has(c10::DispatchKey::Python);
 }
 
-void sym_sgd_step_args(const at::Tensor& x, const at::Tensor& target, const at::Tensor& w1,
-                       const at::Tensor& w2, const std::optional<at::Tensor>& b1,
-                       const std::optional<at::Tensor>& b2, double lr) {
+SymDims sym_sgd_step_args(const at::Tensor& x, const at::Tensor& target, const at::Tensor& w1,
+                          const at::Tensor& w2, const std::optional<at::Tensor>& b1,
+                          const std::optional<at::Tensor>& b2, double lr) {
   constexpr const char* op = "sgd_step";
-  sym_two_layer_l2_loss_args(x, target, w1, w2, b1, b2, op);
+  SymDims d = sym_two_layer_l2_loss_args(x, target, w1, w2, b1, b2, op);
   TORCH_CHECK_VALUE(std::isfinite(lr) && lr >= 0, op, ": lr must be a finite number >= 0, got ",
                     lr);
   // The update computes lr * grad in the weights' dtype: an lr that dtype cannot hold is
@@ -253,7 +253,7 @@ void sym_sgd_step_args(const at::Tensor& x, const at::Tensor& target, const at::
                 " is an inference tensor (made under torch.inference_mode()); an in-place "
                 "update to it outside InferenceMode is not allowed (as torch refuses it): update "
                 "it inside torch.inference_mode(), or clone it outside first");
-  if (!has_memory(w1)) return;
+  if (!has_memory(w1)) return d;
   const at::Tensor* pb1 = b1 ? &*b1 : nullptr;
   const at::Tensor* pb2 = b2 ? &*b2 : nullptr;
   check_writable_and_disjoint(
@@ -262,6 +262,7 @@ void sym_sgd_step_args(const at::Tensor& x, const at::Tensor& target, const at::
                               {{"x", &x}, {"target", &target}, {"b1", pb1}, {"b2", pb2}});
   if (b1) check_writable_and_disjoint(op, "b1", *b1, {{"x", &x}, {"target", &target}, {"b2", pb2}});
   if (b2) check_writable_and_disjoint(op, "b2", *b2, {{"x", &x}, {"target", &target}});
+  return d;
 }
 
 }  // namespace
@@ -301,8 +302,7 @@ Dims check_two_layer_l2_loss_args(const at::Tensor& x, const at::Tensor& target,
 Dims check_sgd_step_args(const at::Tensor& x, const at::Tensor& target, const at::Tensor& w1,
                          const at::Tensor& w2, const std::optional<at::Tensor>& b1,
                          const std::optional<at::Tensor>& b2, double lr) {
-  sym_sgd_step_args(x, target, w1, w2, b1, b2, lr);
-  return {x.size(0), x.size(1), w1.size(1), w2.size(1)};
+  return sym_sgd_step_args(x, target, w1, w2, b1, b2, lr).ints();
 }
 
 // ---- one check per kernel op, with the op's own parameters (op_table.h) ----------------------

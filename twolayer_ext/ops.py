@@ -15,6 +15,14 @@ from . import _loader  # noqa: F401  (loads _C, which registers the ops)
 _ops = torch.ops.twolayer_ext  # calls name .default: the overload itself, skipping resolution
 
 
+def _require_args(fn, b1, b2, **tensors):
+    """The tensors (named in call order) must be tensors, the biases tensors or None."""
+    for name, value in tensors.items():
+        _require_tensor(fn, name, value)
+    _require_tensor(fn, "b1", b1, optional=True)
+    _require_tensor(fn, "b2", b2, optional=True)
+
+
 def _require_reduction(fn, reduction):
     # A Python value the schema's str cannot take (None, bytes, ...) is named here; the kernels
     # check the string itself.
@@ -79,10 +87,7 @@ def two_layer(
     None, b2 [D_out] or None: the tutorial's layout, so `two_layer(x, w1, w2)` replaces
     `x.mm(w1).clamp(min=0).mm(w2)`. Returns [*, D_out].
     """
-    for name, value in (("x", x), ("w1", w1), ("w2", w2)):
-        _require_tensor("two_layer", name, value)
-    _require_tensor("two_layer", "b1", b1, optional=True)
-    _require_tensor("two_layer", "b2", b2, optional=True)
+    _require_args("two_layer", b1, b2, x=x, w1=w1, w2=w2)
     x2, lead = _rows("two_layer", x)
     return _unrows(_ops.two_layer.default(x2, w1, w2, b1, b2), lead)
 
@@ -123,10 +128,7 @@ def two_layer_l2_loss(
 def _two_layer_l2_loss(x, target, w1, w2, b1, b2, reduction, linear_layout):
     """two_layer_l2_loss; linear_layout: w1, w2 are nn.Linear weights [H, D_in], [D_out, H]
     (TwoLayerNet's parameters, passed without .t() views in the autograd graph)."""
-    for name, value in (("x", x), ("target", target), ("w1", w1), ("w2", w2)):
-        _require_tensor("two_layer_l2_loss", name, value)
-    _require_tensor("two_layer_l2_loss", "b1", b1, optional=True)
-    _require_tensor("two_layer_l2_loss", "b2", b2, optional=True)
+    _require_args("two_layer_l2_loss", b1, b2, x=x, target=target, w1=w1, w2=w2)
     _require_reduction("two_layer_l2_loss", reduction)
     x2, lead = _rows("two_layer_l2_loss", x)
     t2 = _target_rows("two_layer_l2_loss", x, lead, target, _d_out(w2, linear_layout))
@@ -300,10 +302,7 @@ def sgd_step(
 
 
 def _sgd_step(x, target, w1, w2, b1, b2, lr, reduction, update):
-    for name, value in (("x", x), ("target", target), ("w1", w1), ("w2", w2)):
-        _require_tensor("sgd_step", name, value)
-    _require_tensor("sgd_step", "b1", b1, optional=True)
-    _require_tensor("sgd_step", "b2", b2, optional=True)
+    _require_args("sgd_step", b1, b2, x=x, target=target, w1=w1, w2=w2)
     if isinstance(lr, bool) or not isinstance(lr, (int, float)):
         raise TypeError(f"sgd_step: lr must be a float, got {type(lr).__name__}")
     if torch.is_grad_enabled():

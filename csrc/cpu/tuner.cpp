@@ -340,8 +340,9 @@ Entry measure_key(const Dims& d, c10::ScalarType dtype, bool full) {
 Pick pick(const Dims& d, c10::ScalarType dtype) {
   const std::vector<int> candidates = candidates_for(d);
   if (step_flops(d) < tuning::kTuneMinFlops || candidates.size() == 1)
-    return {candidates.front(), "rule: below " + std::to_string(int64_t(tuning::kTuneMinFlops)) +
-                                    " flops per step our tuned kernels, unmeasured"};
+    return {candidates.front(), "rule",
+            "rule: below " + std::to_string(int64_t(tuning::kTuneMinFlops)) +
+                " flops per step our tuned kernels, unmeasured"};
   const std::string key = key_of(d, dtype, at::get_num_threads());
   Pick p;
   std::string warning;
@@ -353,7 +354,7 @@ Pick pick(const Dims& d, c10::ScalarType dtype) {
       it = entries.emplace(key, measure_key(d, dtype, false)).first;
       save_wisdom();
     }
-    p = {it->second.row, describe(it->second)};
+    p = {it->second.row, it->second.source, describe(it->second)};
     warning.swap(pending_warning);
   }
   issue(std::move(warning));

@@ -22,7 +22,9 @@ namespace twolayer::cpu::tuner {
 
 struct Pick {
   int row;          // the variant table row (variants.h)
-  std::string why;  // "measured: blas 150 us, tuned-avx512 210 us", "wisdom: ...", "rule: ..."
+  std::string how;  // "measured", "wisdom" or "rule"
+  std::string
+      why;  // "measured at N=96: blas 150 us, tuned-avx512 210 us", "wisdom ...", "rule: ..."
 };
 
 // The variant auto runs for this float32/float64 problem at the current thread count:

@@ -146,18 +146,33 @@ std::string set_kernel_variant(c10::string_view name, bool this_thread) {
   return previous == kNoThreadChoice ? "" : choice_name(previous);
 }
 
+namespace {
+
+// What runs for a problem under choice c: the variant's name, how it was chosen ("measured",
+// "wisdom", "rule", "pinned" or "low precision") and, for auto, the tuner's account of it.
+struct Resolved {
+  std::string variant, how, why;
+};
+
+Resolved resolve(int c, const Dims& d, c10::ScalarType dtype) {
+  if (low_precision(dtype)) return {"composite", "low precision", ""};  // one path for all
+  if (c != kAuto) return {kTable[row_for(c, d, dtype)].name, "pinned", ""};
+  tuned_row();  // a bad TWOLAYER_ISA fails here too
+  const tuner::Pick p = tuner::pick(d, dtype);
+  return {kTable[p.row].name, p.how, p.why};
+}
+
+}  // namespace
+
 std::string kernel_info(const std::optional<Dims>& d, c10::ScalarType dtype) {
   const int c = current_choice();
   std::string s = choice_name(c), why;
   if (d && low_precision(dtype)) {
     s += ": low precision (the composite step: one path for every variant)";
-  } else if (d && c == kAuto) {
-    tuned_row();
-    const tuner::Pick p = tuner::pick(*d, dtype);
-    s += std::string(": ") + kTable[p.row].name;
-    why = "; " + p.why;
   } else if (d) {
-    s += std::string(": ") + kTable[row_for(c, *d, dtype)].name;
+    const Resolved r = resolve(c, *d, dtype);
+    s += ": " + r.variant;
+    if (!r.why.empty()) why = "; " + r.why;
   } else if (c == kAuto) {
     s += " (measured per shape, dtype and thread count among";
     for (int r : auto_candidates()) s += std::string(" ") + kTable[r].name;
@@ -170,18 +185,10 @@ std::string kernel_info(const std::optional<Dims>& d, c10::ScalarType dtype) {
 
 std::string kernel_choice(const Dims& d, c10::ScalarType dtype) {
   const int c = current_choice();
-  std::string variant, how;
-  if (low_precision(dtype)) {
-    variant = "composite", how = "low precision";  // one path whatever the choice
-  } else if (c == kAuto) {
-    tuned_row();
-    const tuner::Pick p = tuner::pick(d, dtype);
-    variant = kTable[p.row].name, how = p.why.substr(0, p.why.find_first_of(" :"));
-  } else {
-    variant = kTable[row_for(c, d, dtype)].name, how = "pinned";
-  }
-  return "{\"choice\": \"" + choice_name(c) + "\", \"variant\": \"" + variant + "\", \"how\": \"" +
-         how + "\", \"threads\": " + std::to_string(at::get_num_threads()) + "}";
+  const Resolved r = resolve(c, d, dtype);
+  return "{\"choice\": \"" + choice_name(c) + "\", \"variant\": \"" + r.variant +
+         "\", \"how\": \"" + r.how + "\", \"threads\": " + std::to_string(at::get_num_threads()) +
+         "}";
 }
 
 int variant_count() { return kRows; }
