@@ -223,31 +223,38 @@ inline at::Tensor new_grad(const at::Tensor& w, bool transposed) {
   return at::empty(w.sizes(), w.options());
 }
 
+// The fused loss's gradients that output_mask asks for, fresh: (x, target, w1, w2, b1, b2); a
+// weight's in its own layout or, with grad_transposed, as the transpose of a row-major one.
+inline std::array<OptTensor, 6> new_loss_grads(const Dims& d, const at::Tensor& x,
+                                               const at::Tensor& w1, const at::Tensor& w2,
+                                               const OptTensor& b1, const OptTensor& b2,
+                                               std::array<bool, 6> output_mask,
+                                               std::array<bool, 2> grad_transposed) {
+  const auto opts = x.options();
+  std::array<OptTensor, 6> g;
+  if (output_mask[0]) g[0] = at::empty({d.N, d.D_in}, opts);
+  if (output_mask[1]) g[1] = at::empty({d.N, d.D_out}, opts);
+  if (output_mask[2]) g[2] = new_grad(w1, grad_transposed[0]);
+  if (output_mask[3]) g[3] = new_grad(w2, grad_transposed[1]);
+  if (output_mask[4] && b1) g[4] = at::empty({d.H}, opts);
+  if (output_mask[5] && b2) g[5] = at::empty({d.D_out}, opts);
+  return g;
+}
+
 template <class P>
 FusedLossGrads two_layer_l2_loss_fwd(const Dims& d, const at::Tensor& x, const at::Tensor& target,
                                      const at::Tensor& w1, const at::Tensor& w2,
                                      const OptTensor& b1, const OptTensor& b2, bool mean,
                                      std::array<bool, 6> output_mask,
                                      std::array<bool, 2> grad_transposed) {
-  const auto [need_x, need_target, need_w1, need_w2, need_b1, need_b2] = output_mask;
-  const auto opts = x.options();
+  const auto g = new_loss_grads(d, x, w1, w2, b1, b2, output_mask, grad_transposed);
   StepOutputs s;
   s.mean = mean;
-  if (need_x) s.grad_x = at::empty({d.N, d.D_in}, opts);
-  if (need_target) s.grad_target = at::empty({d.N, d.D_out}, opts);
-  if (need_w1) s.sinks[0].store = new_grad(w1, grad_transposed[0]);
-  if (need_w2) s.sinks[1].store = new_grad(w2, grad_transposed[1]);
-  if (need_b1 && b1) s.sinks[2].store = at::empty({d.H}, opts);
-  if (need_b2 && b2) s.sinks[3].store = at::empty({d.D_out}, opts);
+  s.grad_x = g[0], s.grad_target = g[1];
+  for (size_t i = 0; i < 4; ++i)
+    if (g[i + 2]) s.sinks[i].store = *g[i + 2];
   const auto loss = step<P>(x, target, w1, w2, b1, b2, s);
-  auto opt = [](const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; };
-  return {P::loss_tensor(loss, opts),
-          s.grad_x,
-          s.grad_target,
-          opt(s.sinks[0].store),
-          opt(s.sinks[1].store),
-          opt(s.sinks[2].store),
-          opt(s.sinks[3].store)};
+  return {P::loss_tensor(loss, x.options()), g[0], g[1], g[2], g[3], g[4], g[5]};
 }
 
 template <class P>

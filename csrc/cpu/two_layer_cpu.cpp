@@ -63,6 +63,30 @@ GradOut<T> update_in_place(const OptTensor& w, bool update, T lr) {
   return o;
 }
 
+// One fused step through the variant serving this problem: forward, loss, the gradients the
+// sinks ask for (stored or applied); returns the loss.
+template <typename T>
+double run_step(const Dims& d, const at::Tensor& x, const at::Tensor& target, const at::Tensor& w1,
+                const at::Tensor& w2, const OptTensor& b1, const OptTensor& b2, bool mean,
+                T* grad_x, T* grad_target, GradOut<T> gw1, GradOut<T> gw2, GradOut<T> gb1,
+                GradOut<T> gb2) {
+  const StepArgs<T> s{d,
+                      view<T>(x),
+                      view<T>(target),
+                      view<T>(w1),
+                      view<T>(w2),
+                      bias<const T>(b1),
+                      bias<const T>(b2),
+                      mean,
+                      grad_x,
+                      grad_target,
+                      gw1,
+                      gw2,
+                      gb1,
+                      gb2};
+  return variant_for(d, c10::CppTypeToScalarType<T>::value).template kernels<T>().step(s);
+}
+
 }  // namespace
 
 template <typename T>
@@ -150,36 +174,16 @@ FusedLossGrads two_layer_l2_loss_fwd(const at::Tensor& x, const at::Tensor& targ
   if (sixteen_bit(x))
     return composite::two_layer_l2_loss_fwd<SixteenBit>(d, x, target, w1, w2, b1, b2, mean,
                                                         output_mask, grad_transposed);
-  const auto [need_x, need_target, need_w1, need_w2, need_b1, need_b2] = output_mask;
-  const auto opts = x.options();
-  auto loss = at::empty({}, opts);
-  OptTensor grad_x, grad_target, grad_w1, grad_w2, grad_b1, grad_b2;
-  if (need_x) grad_x = at::empty({d.N, d.D_in}, opts);
-  if (need_target) grad_target = at::empty({d.N, d.D_out}, opts);
-  if (need_w1) grad_w1 = composite::new_grad(w1, grad_transposed[0]);
-  if (need_w2) grad_w2 = composite::new_grad(w2, grad_transposed[1]);
-  if (need_b1 && b1) grad_b1 = at::empty({d.H}, opts);
-  if (need_b2 && b2) grad_b2 = at::empty({d.D_out}, opts);
+  auto g = composite::new_loss_grads(d, x, w1, w2, b1, b2, output_mask, grad_transposed);
+  auto loss = at::empty({}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "two_layer_l2_loss_fwd", [&] {
     using T = scalar_t;
-    const StepArgs<T> s{d,
-                        view<T>(x),
-                        view<T>(target),
-                        view<T>(w1),
-                        view<T>(w2),
-                        bias<const T>(b1),
-                        bias<const T>(b2),
-                        mean,
-                        ptr_or_null<T>(grad_x),
-                        ptr_or_null<T>(grad_target),
-                        store_into<T>(grad_w1),
-                        store_into<T>(grad_w2),
-                        store_into<T>(grad_b1),
-                        store_into<T>(grad_b2)};
-    loss.fill_(loss_value(variant_for(d, c10::CppTypeToScalarType<T>::value).kernels<T>().step(s),
-                          x.scalar_type()));
+    const double total = run_step<T>(d, x, target, w1, w2, b1, b2, mean, ptr_or_null<T>(g[0]),
+                                     ptr_or_null<T>(g[1]), store_into<T>(g[2]), store_into<T>(g[3]),
+                                     store_into<T>(g[4]), store_into<T>(g[5]));
+    loss.fill_(loss_value(total, x.scalar_type()));
   });
-  return {loss, grad_x, grad_target, grad_w1, grad_w2, grad_b1, grad_b2};
+  return {loss, g[0], g[1], g[2], g[3], g[4], g[5]};
 }
 
 at::Tensor sgd_step(const at::Tensor& x, const at::Tensor& target, const at::Tensor& w1,
@@ -194,22 +198,11 @@ at::Tensor sgd_step(const at::Tensor& x, const at::Tensor& target, const at::Ten
   auto loss = at::empty({}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sgd_step", [&] {
     using T = scalar_t;
-    const StepArgs<T> s{d,
-                        view<T>(x),
-                        view<T>(target),
-                        view<T>(w1),
-                        view<T>(w2),
-                        bias<const T>(b1),
-                        bias<const T>(b2),
-                        mean,
-                        nullptr,
-                        nullptr,
-                        update_in_place<T>(w1, update_w1, T(lr)),
-                        update_in_place<T>(w2, update_w2, T(lr)),
-                        update_in_place<T>(b1, update_b1, T(lr)),
-                        update_in_place<T>(b2, update_b2, T(lr))};
-    loss.fill_(loss_value(variant_for(d, c10::CppTypeToScalarType<T>::value).kernels<T>().step(s),
-                          x.scalar_type()));
+    const double total = run_step<T>(
+        d, x, target, w1, w2, b1, b2, mean, nullptr, nullptr,
+        update_in_place<T>(w1, update_w1, T(lr)), update_in_place<T>(w2, update_w2, T(lr)),
+        update_in_place<T>(b1, update_b1, T(lr)), update_in_place<T>(b2, update_b2, T(lr)));
+    loss.fill_(loss_value(total, x.scalar_type()));
   });
   return loss;
 }
