@@ -227,19 +227,18 @@ def _size(text):
     return text, shape
 
 
+def add_size_option(p, help):
+    """--size NAME|N,D_in,H,D_out, repeatable (the benchmark's and the tuner's)."""
+    p.add_argument("--size", action="append", type=_size, metavar="NAME|N,D_in,H,D_out", help=help)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="python -m twolayer_ext.bench",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "--size",
-        action="append",
-        type=_size,
-        metavar="NAME|N,D_in,H,D_out",
-        help=f"repeatable; names: {', '.join(SIZES)}",
-    )
+    add_size_option(p, f"repeatable; names: {', '.join(SIZES)}")
     p.add_argument(
         "--dtype", action="append", choices=list(DTYPES), help="repeatable (default float32)"
     )

@@ -18,7 +18,7 @@ import torch
 
 from .. import _loader  # noqa: F401  (loads _C)
 from .._io import write_atomic
-from .bench import DTYPES, SIZES, _size
+from .bench import DTYPES, SIZES, add_size_option
 
 _ops = torch.ops.twolayer_ext
 
@@ -29,13 +29,9 @@ def parse_args(argv=None):
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "--size",
-        action="append",
-        type=_size,
-        metavar="NAME|N,D_in,H,D_out",
-        help=f"repeatable; a name ({', '.join(SIZES)}) or four ints "
-        "(default: seed, medium, large, narrow)",
+    add_size_option(
+        p,
+        f"repeatable; a name ({', '.join(SIZES)}) or four ints (default: seed, medium, large, narrow)",
     )
     p.add_argument(
         "--dtype",
