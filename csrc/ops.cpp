@@ -4,6 +4,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/busy_core.h"
 #include "cpu/tuner.h"
 #include "cpu/variants.h"
 #include "checks.h"
@@ -77,6 +78,9 @@ TORCH_LIBRARY(twolayer_ext, m) {
             TORCH_CHECK_VALUE(v > 0, "tune: every size must be positive, got ", dims);
           return twolayer::cpu::tuner::tune({dims[0], dims[1], dims[2], dims[3]}, dtype, full);
         });
+  // For tests: count a core as busy for the next `ms` milliseconds (cpu/busy_core.h).
+  m.def("_assume_busy_core(int ms) -> ()",
+        [](int64_t ms) { twolayer::cpu::busy_core::assume_busy_for(ms); });
   m.def("cpu_kernels() -> str[]", [] { return twolayer::cpu::kernel_names(); });
   m.def("cpu_kernel_missing(str name) -> str",
         [](c10::string_view name) { return twolayer::cpu::kernel_missing(name); });

@@ -194,9 +194,13 @@ def test_eight_threads_match_single_threaded_results():
     expected = [_workload(s) for s in seeds]
     results, errors = [None] * 8, []
     barrier = threading.Barrier(8)
+    # torch's thread count is per thread (OpenMP's setting), and auto measures its pick per
+    # thread count: each worker takes the one the expected results were computed with.
+    threads_here = torch.get_num_threads()
 
     def worker(i):
         try:
+            torch.set_num_threads(threads_here)
             barrier.wait()
             results[i] = [_workload(seeds[i]) for _ in range(2)]
         except BaseException as e:  # noqa: BLE001  (reported below)

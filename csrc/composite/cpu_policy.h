@@ -18,7 +18,6 @@
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
-#include <dlfcn.h>
 
 #include <algorithm>
 #include <array>
@@ -33,6 +32,7 @@
 
 #include "../cpu/cpu_impl.h"
 #include "../cpu/pool.h"
+#include "../cpu/mkl_local.h"
 #include "../cpu/tuning.h"
 #include "../loss_value.h"
 #include "step.h"
@@ -41,16 +41,14 @@ namespace twolayer::cpu {
 
 namespace composite_detail {
 
-// The BLAS on the calling thread alone while this lives. MKL (torch's x86-64 builds export
-// it) has a thread-local setting, mkl_set_num_threads_local (Fortran ABI: an int*; it
-// returns the previous value, 0 = none); elsewhere the BLAS follows OpenMP's thread-local
-// nthreads setting.
+// The BLAS on the calling thread alone while this lives: MKL's thread-local setting
+// (mkl_local.h); elsewhere the BLAS follows OpenMP's thread-local nthreads setting.
 class OneBlasThread {
  public:
   OneBlasThread() {
-    if (mkl_local()) {
+    if (mkl_set_local()) {
       int one = 1;
-      previous_ = mkl_local()(&one);
+      previous_ = mkl_set_local()(&one);
     } else {
 #ifdef _OPENMP
       previous_ = omp_get_max_threads();
@@ -59,8 +57,8 @@ class OneBlasThread {
     }
   }
   ~OneBlasThread() {
-    if (mkl_local()) {
-      mkl_local()(&previous_);
+    if (mkl_set_local()) {
+      mkl_set_local()(&previous_);
     } else {
 #ifdef _OPENMP
       omp_set_num_threads(previous_);
@@ -71,12 +69,6 @@ class OneBlasThread {
   OneBlasThread& operator=(const OneBlasThread&) = delete;
 
  private:
-  using SetLocal = int (*)(int*);
-  static SetLocal mkl_local() {
-    static const SetLocal f =
-        reinterpret_cast<SetLocal>(dlsym(RTLD_DEFAULT, "mkl_set_num_threads_local"));
-    return f;
-  }
   int previous_ = 0;
 };
 

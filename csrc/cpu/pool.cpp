@@ -6,6 +6,7 @@
 // take the caller's time), then sleep on a condition variable.
 #include "pool.h"
 
+#include "busy_core.h"
 #include "tuning.h"
 
 #include <ATen/Parallel.h>
@@ -28,6 +29,18 @@ namespace {
 constexpr int64_t kChunksPerThread = tuning::kPoolChunksPerThread;
 constexpr auto kSpin = std::chrono::microseconds(tuning::kPoolSpinMicroseconds);
 
+// at::parallel_for, noting how long the caller waits for the other threads of the team once
+// its own share is done (busy_core.h).
+void run_on_openmp(int64_t begin, int64_t end, int64_t grain, ChunkFn run, const void* f) {
+  int64_t own_done = 0;
+  const int64_t start = busy_core::now_ns();
+  at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) {
+    run(f, b, e);
+    if (at::get_thread_num() == 0) own_done = busy_core::now_ns();
+  });
+  if (own_done) busy_core::note_wait(busy_core::now_ns() - own_done, own_done - start);
+}
+
 thread_local bool in_region = false;
 thread_local bool use_pool = false;  // set by PoolScope
 
@@ -36,6 +49,7 @@ struct Job {
   const void* f;
   int64_t begin, end, chunk, chunks;
   int max_workers;
+  int64_t posted_ns = 0;
   std::atomic<int64_t> next{0}, done{0};
   std::atomic<int> joined{0};
   std::atomic<bool> failed{false};
@@ -83,12 +97,21 @@ class Pool {
       current_.store(&job);
       generation_.fetch_add(1);
     }
-    if (sleeping_.load() > 0) wake_.notify_all();
+    const bool woken = sleeping_.load() > 0;
+    if (woken) wake_.notify_all();
     in_region = true;
     job.work();
     in_region = false;
     // Chunks claimed by workers that are running: wait for those alone.
+    const int64_t own_done = busy_core::now_ns();
     while (job.done.load() < job.chunks) std::this_thread::yield();
+    const int64_t t = busy_core::now_ns();
+    // A worker that never came while the caller did every chunk, or one that kept it
+    // waiting for a chunk it had claimed, lost its core (busy_core.h).
+    if (job.joined.load() == 0)
+      busy_core::note_no_worker(t - job.posted_ns, woken);
+    else
+      busy_core::note_wait(t - own_done, own_done - job.posted_ns);
     current_.store(nullptr);
     while (active_.load() != 0) std::this_thread::yield();  // none still holds &job
   }
@@ -147,13 +170,14 @@ PoolScope::PoolScope() : previous_(use_pool) { use_pool = true; }
 PoolScope::~PoolScope() { use_pool = previous_; }
 
 void parallel_for_chunks(int64_t begin, int64_t end, int64_t grain, ChunkFn run, const void* f) {
-  if (!use_pool && !in_region) {
-    at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) { run(f, b, e); });
+  const bool busy = !in_region && busy_core::adapt();
+  if (!use_pool && !in_region && !busy) {
+    run_on_openmp(begin, end, grain, run, f);
     return;
   }
   const int64_t n = end - begin;
   if (n <= 0) return;
-  const int threads = in_region ? 1 : at::get_num_threads();
+  const int threads = in_region ? 1 : busy_core::team_threads();
   grain = std::max<int64_t>(grain, 1);
   if (threads <= 1 || n <= grain) {
     run(f, begin, end);
@@ -168,6 +192,7 @@ void parallel_for_chunks(int64_t begin, int64_t end, int64_t grain, ChunkFn run,
     run(f, begin, end);
     return;
   }
+  job.posted_ns = busy_core::now_ns();
   Pool::get().run(job, threads - 1);
   if (job.failed.load()) std::rethrow_exception(job.error);
 }

@@ -15,7 +15,8 @@
 namespace twolayer::cpu {
 
 // Our pool serves the loops inside a PoolScope (sgd_step: the whole training step in one
-// call); elsewhere the loops run on ATen's OpenMP threads. The ops of the autograd paths sit
+// call), and all of them while a core is busy (busy_core.h); elsewhere the loops run on
+// ATen's OpenMP threads. The ops of the autograd paths sit
 // among ATen ops (the optimizer, gradient accumulation), and two pools on the same cores
 // spin against each other: measured, the fused loss at 2 threads ran at half speed (again on
 // an Intel Xeon: medium, 2 threads, fused loss + SGD 5.1 ms on our pool against 3.1 ms, while
@@ -30,6 +31,10 @@ class PoolScope {
  private:
   bool previous_;
 };
+
+// Whether the loops outside a PoolScope run on our pool now, because OpenMP's team
+// recently kept its callers waiting (pool.cpp).
+bool openmp_contended();
 
 using ChunkFn = void (*)(const void* f, int64_t begin, int64_t end);
 void parallel_for_chunks(int64_t begin, int64_t end, int64_t grain, ChunkFn run, const void* f);

@@ -1,6 +1,8 @@
 // The measured choice of "auto" and its wisdom file (see tuner.h).
 #include "tuner.h"
 
+#include "busy_core.h"
+
 #include <Python.h>
 
 #include <ATen/CPUGeneratorImpl.h>
@@ -343,7 +345,7 @@ Pick pick(const Dims& d, c10::ScalarType dtype) {
     return {candidates.front(), "rule",
             "rule: below " + std::to_string(int64_t(tuning::kTuneMinFlops)) +
                 " flops per step our tuned kernels, unmeasured"};
-  const std::string key = key_of(d, dtype, at::get_num_threads());
+  const std::string key = key_of(d, dtype, busy_core::team_threads());
   Pick p;
   std::string warning;
   {
@@ -362,7 +364,7 @@ Pick pick(const Dims& d, c10::ScalarType dtype) {
 }
 
 std::string tune(const Dims& d, c10::ScalarType dtype, bool full) {
-  const std::string key = key_of(d, dtype, at::get_num_threads());
+  const std::string key = key_of(d, dtype, busy_core::team_threads());
   Entry e;
   std::string warning;
   {

@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "busy_core.h"
 #include "tuner.h"
 #include "tuning.h"
 
@@ -180,15 +181,20 @@ std::string kernel_info(const std::optional<Dims>& d, c10::ScalarType dtype) {
   } else if (c == kTuned) {
     s += std::string(" (") + kTable[tuned_row()].name + ")";
   }
-  return s + ", threads: " + std::to_string(at::get_num_threads()) + why;
+  if (busy_core::busy())
+    why +=
+        "; a core is busy (another process holds it): every loop runs on our pool, and "
+        "ATen's parallel regions on the threads that call the ops on one thread";
+  return s + ", threads: " + std::to_string(busy_core::team_threads()) + why;
 }
 
 std::string kernel_choice(const Dims& d, c10::ScalarType dtype) {
   const int c = current_choice();
   const Resolved r = resolve(c, d, dtype);
   return "{\"choice\": \"" + choice_name(c) + "\", \"variant\": \"" + r.variant +
-         "\", \"how\": \"" + r.how + "\", \"threads\": " + std::to_string(at::get_num_threads()) +
-         "}";
+         "\", \"how\": \"" + r.how +
+         "\", \"threads\": " + std::to_string(busy_core::team_threads()) +
+         ", \"busy_core\": " + (busy_core::busy() ? "true" : "false") + "}";
 }
 
 int variant_count() { return kRows; }

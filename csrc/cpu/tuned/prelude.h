@@ -13,5 +13,6 @@
 
 #include "../../loss_value.h"
 #include "../cpu_impl.h"
+#include "../busy_core.h"
 #include "../pool.h"
 #include "../tuning.h"

@@ -1,0 +1,158 @@
+"""A busy core (csrc/cpu/busy_core.h): while another process holds a core, every loop of ours
+runs on our pool and ATen's parallel regions on the calling thread run on one thread, with the
+same results; the thread count comes back when the core is free, a torch.set_num_threads made
+in between is kept, other threads are untouched, and TWOLAYER_BUSY_CORE=off turns it off."""
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+import torch
+
+import twolayer_ext as tl
+
+_ops = torch.ops.twolayer_ext
+SHAPE = (256, 300, 128, 16)  # large enough that every variant's loops use two threads
+
+
+@pytest.fixture
+def restore_threads():
+    n = torch.get_num_threads()
+    yield
+    _ops._assume_busy_core(0)
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def busy():
+    """Counts a core as busy (as two late parallel regions would), restores everything after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    _ops._assume_busy_core(60_000)
+    yield
+    _ops._assume_busy_core(0)
+    torch.set_num_threads(n)
+
+
+def fused(variant, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    N, D_in, H, D_out = SHAPE
+    x, t = torch.randn(N, D_in, generator=g), torch.randn(N, D_out, generator=g)
+    w1 = (torch.randn(D_in, H, generator=g) / D_in**0.5).requires_grad_()
+    w2 = (torch.randn(H, D_out, generator=g) / H**0.5).requires_grad_()
+    b1, b2 = torch.zeros(H, requires_grad=True), torch.zeros(D_out, requires_grad=True)
+    with tl.use_cpu_kernel(variant):
+        loss = tl.two_layer_l2_loss(x, t, w1, w2, b1, b2)
+        loss.backward()
+        pred = tl.two_layer(x, w1.detach(), w2.detach(), b1.detach(), b2.detach())
+    return [loss.detach(), pred, w1.grad, w2.grad, b1.grad, b2.grad]
+
+
+VARIANTS = [v for v in tl.CPU_VARIANTS if not tl.cpu_kernel_missing(v)]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_busy_core_gives_the_same_bits(variant, restore_threads):
+    torch.set_num_threads(2)
+    quiet = fused(variant)
+    _ops._assume_busy_core(60_000)
+    try:
+        busy = fused(variant)
+        assert torch.get_num_threads() == 1  # ATen's regions on this thread: one thread
+    finally:
+        _ops._assume_busy_core(0)
+    for a, b in zip(quiet, busy):
+        assert torch.equal(a, b)
+
+
+def test_the_thread_count_comes_back_when_the_core_is_free(busy):
+    fused("auto")
+    assert torch.get_num_threads() == 1
+    info = tl.cpu_kernel_choice(SHAPE)
+    assert info["busy_core"] is True and info["threads"] == 2  # the user's count, not the 1
+    assert "a core is busy" in tl.cpu_kernel_info(SHAPE)
+    _ops._assume_busy_core(0)
+    fused("auto")
+    assert torch.get_num_threads() == 2
+    assert tl.cpu_kernel_choice(SHAPE)["busy_core"] is False
+
+
+def test_a_thread_count_set_meanwhile_is_kept(busy):
+    fused("auto")
+    torch.set_num_threads(3)  # the user's, while a core counts as busy
+    _ops._assume_busy_core(0)
+    fused("auto")
+    assert torch.get_num_threads() == 3
+
+
+def test_other_threads_keep_their_thread_count(busy):
+    seen = {}
+
+    def other():
+        seen["before"] = torch.get_num_threads()
+        done.wait()
+        seen["after"] = torch.get_num_threads()
+
+    done = threading.Event()
+    t = threading.Thread(target=other)
+    t.start()
+    fused("auto")
+    done.set()
+    t.join()
+    assert torch.get_num_threads() == 1
+    assert seen["after"] == seen["before"]
+
+
+def test_sgd_step_lowers_aten_too(busy):
+    g = torch.Generator().manual_seed(1)
+    N, D_in, H, D_out = SHAPE
+    x, t = torch.randn(N, D_in, generator=g), torch.randn(N, D_out, generator=g)
+    w1, w2 = torch.randn(D_in, H, generator=g) * 0.05, torch.randn(H, D_out, generator=g) * 0.1
+    ref1, ref2 = w1.clone(), w2.clone()
+    _ops._assume_busy_core(0)
+    torch.set_num_threads(2)
+    quiet = tl.sgd_step(x, t, ref1, ref2, lr=1e-4)
+    _ops._assume_busy_core(60_000)
+    busy = tl.sgd_step(x, t, w1, w2, lr=1e-4)
+    assert torch.get_num_threads() == 1
+    assert torch.equal(quiet, busy) and torch.equal(ref1, w1) and torch.equal(ref2, w2)
+
+
+def test_off_leaves_the_thread_count_alone():
+    code = textwrap.dedent(
+        """
+        import torch, twolayer_ext as tl
+        torch.set_num_threads(2)
+        torch.ops.twolayer_ext._assume_busy_core(60_000)
+        x, t = torch.randn(256, 300), torch.randn(256, 16)
+        w1, w2 = torch.randn(300, 128) * 0.05, torch.randn(128, 16) * 0.1
+        tl.sgd_step(x, t, w1, w2, lr=1e-4)
+        print(torch.get_num_threads(), tl.cpu_kernel_choice((256, 300, 128, 16))["busy_core"])
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TWOLAYER_BUSY_CORE": "off"},
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["2", "False"]
+
+
+def test_new_threads_start_with_the_usual_count(busy):
+    def count_in_a_new_thread():
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        return seen[0]
+
+    usual = count_in_a_new_thread()
+    fused("auto")
+    assert torch.get_num_threads() == 1  # this thread's regions, lowered
+    assert count_in_a_new_thread() == usual  # not the process-wide count
