@@ -3,6 +3,7 @@ runs on our pool and ATen's parallel regions on the calling thread run on one th
 same results; the thread count comes back when the core is free, a torch.set_num_threads made
 in between is kept, other threads are untouched, and TWOLAYER_BUSY_CORE=off turns it off."""
 
+import json
 import os
 import subprocess
 import sys
@@ -156,3 +157,34 @@ def test_new_threads_start_with_the_usual_count(busy):
     fused("auto")
     assert torch.get_num_threads() == 1  # this thread's regions, lowered
     assert count_in_a_new_thread() == usual  # not the process-wide count
+
+
+def test_a_pick_measured_while_a_core_is_busy_is_not_written(tmp_path):
+    wisdom = tmp_path / "wisdom.txt"
+    code = textwrap.dedent(
+        """
+        import json, torch, twolayer_ext as tl
+        torch.set_num_threads(2)
+        ops, shape = torch.ops.twolayer_ext, (96, 200, 64, 8)
+        ops._assume_busy_core(60_000)
+        busy = tl.cpu_kernel_info(shape)
+        written_busy = open(%r).read() if __import__("os").path.exists(%r) else ""
+        ops._assume_busy_core(0)
+        quiet = tl.cpu_kernel_info(shape)
+        print(json.dumps([busy, written_busy, quiet, open(%r).read()]))
+        """
+        % (str(wisdom), str(wisdom), str(wisdom))
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TWOLAYER_WISDOM": str(wisdom)},
+    )
+    assert out.returncode == 0, out.stderr
+    busy, written_busy, quiet, written_quiet = json.loads(out.stdout)
+    assert "a core was busy: measured again when it is free" in busy
+    assert "t2 128x256x64x8" not in written_busy  # not written while busy
+    assert "measured at" in quiet and "a core was busy" not in quiet  # measured again
+    assert "t2 128x256x64x8" in written_quiet

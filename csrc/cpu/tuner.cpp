@@ -76,6 +76,10 @@ struct Entry {
   int64_t rows = 0;                        // the N it was measured at
   double cost_ms = 0;                      // what measuring it cost
   std::vector<int> screened_out;           // candidates dropped by the screen (not remembered)
+  // Measured while a core was busy (busy_core.h): timings taken then mislead, so the pick
+  // serves this process until the core is free, is measured again then, and never reaches
+  // the wisdom file.
+  bool busy = false;
 };
 
 std::string describe(const Entry& e) {
@@ -88,6 +92,7 @@ std::string describe(const Entry& e) {
     os << (i ? ", " : "; screened out (over the drop ratio): ")
        << variant_at(e.screened_out[i]).name;
   if (e.source == "measured") os << " (measuring took " << std::llround(e.cost_ms) << " ms)";
+  if (e.busy) os << "; a core was busy: measured again when it is free";
   return os.str();
 }
 
@@ -233,6 +238,7 @@ void save_wisdom() {
     std::ofstream f(tmp);
     f << kMagic << "\nidentity " << identity() << "\n";
     for (const auto& [key, e] : entries) {
+      if (e.busy) continue;
       f << key << "\t" << e.rows << "\t";
       for (size_t i = 0; i < e.us.size(); ++i)
         f << (i ? "," : "") << variant_at(e.us[i].first).name << "=" << e.us[i].second;
@@ -352,9 +358,11 @@ Pick pick(const Dims& d, c10::ScalarType dtype) {
     std::lock_guard<std::mutex> lock(mutex);
     load_wisdom_once();
     auto it = entries.find(key);
-    if (it == entries.end()) {
-      it = entries.emplace(key, measure_key(d, dtype, false)).first;
-      save_wisdom();
+    if (it == entries.end() || (it->second.busy && !busy_core::busy())) {
+      Entry e = measure_key(d, dtype, false);
+      e.busy = busy_core::busy();
+      it = entries.insert_or_assign(key, std::move(e)).first;
+      if (!it->second.busy) save_wisdom();
     }
     p = {it->second.row, it->second.source, describe(it->second)};
     warning.swap(pending_warning);
@@ -371,14 +379,16 @@ std::string tune(const Dims& d, c10::ScalarType dtype, bool full) {
     std::lock_guard<std::mutex> lock(mutex);
     load_wisdom_once();
     e = measure_key(d, dtype, full);
+    e.busy = busy_core::busy();
     entries[key] = e;
-    save_wisdom();
+    if (!e.busy) save_wisdom();
     warning.swap(pending_warning);
   }
   issue(std::move(warning));
   std::ostringstream os;
   os << "{\"key\": \"" << key << "\", \"pick\": \"" << variant_at(e.row).name
-     << "\", \"rows\": " << e.rows << ", \"cost_ms\": " << e.cost_ms << ", \"us\": {";
+     << "\", \"rows\": " << e.rows << ", \"cost_ms\": " << e.cost_ms
+     << ", \"busy_core\": " << (e.busy ? "true" : "false") << ", \"us\": {";
   for (size_t i = 0; i < e.us.size(); ++i)
     os << (i ? ", " : "") << "\"" << variant_at(e.us[i].first).name << "\": " << e.us[i].second;
   os << "}, \"wisdom\": \"" << wisdom_path() << "\"}";

@@ -9,7 +9,8 @@
 // The wisdom file: $TWOLAYER_WISDOM, else $XDG_CACHE_HOME/twolayer_ext/wisdom.txt (or
 // ~/.cache/...); TWOLAYER_WISDOM=off keeps the picks in memory only. A missing, corrupt,
 // read-only or stale file (another CPU, torch or build) never fails a call: its keys are
-// measured again, and one warning says why.
+// measured again, and one warning says why. A pick measured while a core is busy (busy_core.h)
+// serves the process until the core is free, is measured again then, and is not written.
 #pragma once
 
 #include <c10/core/ScalarType.h>

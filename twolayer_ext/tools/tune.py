@@ -74,6 +74,8 @@ def main(argv=None):
                 r.update(size=name, shape=list(shape), dtype=dtype, threads=threads)
                 rows.append(r)
                 times = ", ".join(f"{k} {v:,.0f} us" for k, v in r["us"].items())
+                if r["busy_core"]:
+                    times += " (a core was busy: not written to the wisdom file)"
                 print(
                     f"{name:<10} {dtype:<8} {threads:>7}  {r['pick']:<14} {r['rows']:>6} "
                     f"{r['cost_ms']:>8.1f}  {times}",
