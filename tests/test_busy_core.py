@@ -188,3 +188,34 @@ def test_a_pick_measured_while_a_core_is_busy_is_not_written(tmp_path):
     assert "t2 128x256x64x8" not in written_busy  # not written while busy
     assert "measured at" in quiet and "a core was busy" not in quiet  # measured again
     assert "t2 128x256x64x8" in written_quiet
+
+
+def test_while_a_core_is_busy_auto_takes_one_threads_quiet_pick(tmp_path):
+    wisdom = tmp_path / "wisdom.txt"
+    code = textwrap.dedent(
+        """
+        import json, torch, twolayer_ext as tl
+        ops, shape = torch.ops.twolayer_ext, (96, 200, 64, 8)
+        torch.set_num_threads(1)
+        one = tl.cpu_kernel_info(shape)
+        torch.set_num_threads(2)
+        ops._assume_busy_core(60_000)
+        busy = tl.cpu_kernel_info(shape)
+        ops._assume_busy_core(0)
+        print(json.dumps([one, busy, open(%r).read()]))
+        """
+        % str(wisdom)
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TWOLAYER_WISDOM": str(wisdom)},
+    )
+    assert out.returncode == 0, out.stderr
+    one, busy, written = json.loads(out.stdout)
+    # the same variant and the same times: one thread's entry, nothing measured for two
+    assert one.split(", threads")[0] == busy.split(", threads")[0]
+    assert busy.split("; ", 1)[1].startswith(one.split("; ", 1)[1])
+    assert "t1 128x256x64x8" in written and "t2 128x256x64x8" not in written
