@@ -52,6 +52,19 @@ def fused(variant, seed=0):
     return [loss.detach(), pred, w1.grad, w2.grad, b1.grad, b2.grad]
 
 
+def run_child(code, **env):
+    """Runs `code` in a fresh interpreter with `env` added; returns its stdout."""
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **env},
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
 VARIANTS = [v for v in tl.CPU_VARIANTS if not tl.cpu_kernel_missing(v)]
 
 
@@ -123,7 +136,7 @@ def test_sgd_step_lowers_aten_too(busy):
 
 
 def test_off_leaves_the_thread_count_alone():
-    code = textwrap.dedent(
+    out = run_child(
         """
         import torch, twolayer_ext as tl
         torch.set_num_threads(2)
@@ -132,17 +145,10 @@ def test_off_leaves_the_thread_count_alone():
         w1, w2 = torch.randn(300, 128) * 0.05, torch.randn(128, 16) * 0.1
         tl.sgd_step(x, t, w1, w2, lr=1e-4)
         print(torch.get_num_threads(), tl.cpu_kernel_choice((256, 300, 128, 16))["busy_core"])
-        """
+        """,
+        TWOLAYER_BUSY_CORE="off",
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "TWOLAYER_BUSY_CORE": "off"},
-    )
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["2", "False"]
+    assert out.split() == ["2", "False"]
 
 
 def test_new_threads_start_with_the_usual_count(busy):
@@ -160,30 +166,22 @@ def test_new_threads_start_with_the_usual_count(busy):
 
 
 def test_a_pick_measured_while_a_core_is_busy_is_not_written(tmp_path):
-    wisdom = tmp_path / "wisdom.txt"
-    code = textwrap.dedent(
+    wisdom = str(tmp_path / "wisdom.txt")
+    out = run_child(
         """
-        import json, torch, twolayer_ext as tl
+        import json, os, torch, twolayer_ext as tl
         torch.set_num_threads(2)
-        ops, shape = torch.ops.twolayer_ext, (96, 200, 64, 8)
+        ops, shape, path = torch.ops.twolayer_ext, (96, 200, 64, 8), os.environ["TWOLAYER_WISDOM"]
         ops._assume_busy_core(60_000)
         busy = tl.cpu_kernel_info(shape)
-        written_busy = open(%r).read() if __import__("os").path.exists(%r) else ""
+        written_busy = open(path).read() if os.path.exists(path) else ""
         ops._assume_busy_core(0)
         quiet = tl.cpu_kernel_info(shape)
-        print(json.dumps([busy, written_busy, quiet, open(%r).read()]))
-        """
-        % (str(wisdom), str(wisdom), str(wisdom))
+        print(json.dumps([busy, written_busy, quiet, open(path).read()]))
+        """,
+        TWOLAYER_WISDOM=wisdom,
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "TWOLAYER_WISDOM": str(wisdom)},
-    )
-    assert out.returncode == 0, out.stderr
-    busy, written_busy, quiet, written_quiet = json.loads(out.stdout)
+    busy, written_busy, quiet, written_quiet = json.loads(out)
     assert "a core was busy: measured again when it is free" in busy
     assert "t2 128x256x64x8" not in written_busy  # not written while busy
     assert "measured at" in quiet and "a core was busy" not in quiet  # measured again
@@ -191,10 +189,10 @@ def test_a_pick_measured_while_a_core_is_busy_is_not_written(tmp_path):
 
 
 def test_while_a_core_is_busy_auto_takes_one_threads_quiet_pick(tmp_path):
-    wisdom = tmp_path / "wisdom.txt"
-    code = textwrap.dedent(
+    wisdom = str(tmp_path / "wisdom.txt")
+    out = run_child(
         """
-        import json, torch, twolayer_ext as tl
+        import json, os, torch, twolayer_ext as tl
         ops, shape = torch.ops.twolayer_ext, (96, 200, 64, 8)
         torch.set_num_threads(1)
         one = tl.cpu_kernel_info(shape)
@@ -202,19 +200,11 @@ def test_while_a_core_is_busy_auto_takes_one_threads_quiet_pick(tmp_path):
         ops._assume_busy_core(60_000)
         busy = tl.cpu_kernel_info(shape)
         ops._assume_busy_core(0)
-        print(json.dumps([one, busy, open(%r).read()]))
-        """
-        % str(wisdom)
+        print(json.dumps([one, busy, open(os.environ["TWOLAYER_WISDOM"]).read()]))
+        """,
+        TWOLAYER_WISDOM=wisdom,
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "TWOLAYER_WISDOM": str(wisdom)},
-    )
-    assert out.returncode == 0, out.stderr
-    one, busy, written = json.loads(out.stdout)
+    one, busy, written = json.loads(out)
     # the same variant and the same times: one thread's entry, nothing measured for two
     assert one.split(", threads")[0] == busy.split(", threads")[0]
     assert busy.split("; ", 1)[1].startswith(one.split("; ", 1)[1])

@@ -72,47 +72,53 @@ class OneBlasThread {
   int previous_ = 0;
 };
 
-// Rows [r0, r1) of out = alpha * a @ b (+ out with accumulate) as one call of MKL's Fortran
-// GEMM, row-major C computed as the column-major C^T = B^T A^T: the same BLAS kernel ATen's
-// mm calls, without its per-call tensor work (views, dispatch, checks; at the tutorial's size
-// about a fifth of a step). False where it does not apply (no MKL, 16-bit, a layout that is
-// neither row- nor column-major, sizes over int): the caller goes through ATen.
-inline bool direct_gemm_rows(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
-                             double alpha, bool accumulate, int64_t r0, int64_t r1) {
-  const auto st = out.scalar_type();
-  if ((st != at::kFloat && st != at::kDouble) || a.scalar_type() != st || b.scalar_type() != st)
-    return false;
-  const int64_t M = r1 - r0, K = a.size(1), N = b.size(1);
-  constexpr int64_t kMaxInt = 0x7fffffff;
-  if (M <= 0 || K <= 0 || N <= 0 || out.stride(1) != 1 || out.stride(0) < N) return false;
-  // A row-major operand is its transpose in column-major terms ('N' there), a column-major
-  // one ('T'); ld is the stride between its columns-major columns.
-  auto layout = [](const at::Tensor& t, int64_t rows, int64_t cols, char& op, int64_t& ld) {
+// out = alpha * a @ b (+ out with accumulate) by MKL's Fortran GEMM, called directly, row-major
+// C computed as the column-major C^T = B^T A^T: the same BLAS kernel ATen's mm reaches, without
+// its per-call tensor work (views, dispatch, checks; at the tutorial's size about a fifth of a
+// step). Planned once per GEMM; `applies` is false where it cannot run (no MKL, 16-bit, a
+// layout neither row- nor column-major, sizes over int), and the caller goes through ATen.
+struct DirectGemm {
+  bool applies = false;
+  char op_a = 'N', op_b = 'N';
+  int k = 0, n = 0, lda = 0, ldb = 0, ldc = 0;
+
+  DirectGemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+    const auto st = out.scalar_type();
+    if ((st != at::kFloat && st != at::kDouble) || a.scalar_type() != st || b.scalar_type() != st)
+      return;
+    if (st == at::kFloat ? !mkl_gemm<float>() : !mkl_gemm<double>()) return;
+    const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+    if (M <= 0 || K <= 0 || N <= 0 || out.stride(1) != 1 || out.stride(0) < N) return;
+    // A row-major operand is its transpose in column-major terms ('N' there), a column-major
+    // one ('T'); ld is the stride between its column-major columns.
+    int64_t la, lb;
+    if (!layout(a, M, K, op_a, la) || !layout(b, K, N, op_b, lb)) return;
+    constexpr int64_t kMaxInt = 0x7fffffff;
+    if (std::max({M, N, K, la, lb, out.stride(0)}) > kMaxInt) return;
+    k = int(K), n = int(N), lda = int(la), ldb = int(lb), ldc = int(out.stride(0));
+    applies = true;
+  }
+
+  // Rows [r0, r0 + rows) of out, in one call.
+  template <typename T>
+  void chunk(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double alpha,
+             bool accumulate, int64_t r0, int64_t rows) const {
+    const int m = int(rows);
+    const T al = T(alpha), be = accumulate ? T(1) : T(0);
+    mkl_gemm<T>()(&op_b, &op_a, &n, &m, &k, &al, b.const_data_ptr<T>(), &ldb,
+                  a.const_data_ptr<T>() + r0 * a.stride(0), &lda, &be,
+                  out.data_ptr<T>() + r0 * out.stride(0), &ldc);
+  }
+
+ private:
+  static bool layout(const at::Tensor& t, int64_t rows, int64_t cols, char& op, int64_t& ld) {
     if (t.stride(1) == 1 && t.stride(0) >= std::max<int64_t>(cols, 1))
       return op = 'N', ld = t.stride(0), true;
     if (t.stride(0) == 1 && t.stride(1) >= std::max<int64_t>(rows, 1))
       return op = 'T', ld = t.stride(1), true;
     return false;
-  };
-  char op_a, op_b;
-  int64_t lda, ldb;
-  if (!layout(a, a.size(0), K, op_a, lda) || !layout(b, K, N, op_b, ldb)) return false;
-  if (std::max({M, N, K, lda, ldb, out.stride(0)}) > kMaxInt) return false;
-  bool done = false;
-  AT_DISPATCH_FLOATING_TYPES(st, "direct_gemm_rows", [&] {
-    using T = scalar_t;
-    const auto gemm = mkl_gemm<T>();
-    if (!gemm) return;
-    const int m = int(N), n = int(M), k = int(K), ia = int(lda), ib = int(ldb),
-              ic = int(out.stride(0));
-    const T al = T(alpha), be = accumulate ? T(1) : T(0);
-    const T* pa = a.const_data_ptr<T>() + r0 * a.stride(0);
-    gemm(&op_b, &op_a, &m, &n, &k, &al, b.const_data_ptr<T>(), &ib, pa, &ia, &be,
-         out.data_ptr<T>() + r0 * out.stride(0), &ic);
-    done = true;
-  });
-  return done;
-}
+  }
+};
 
 // out = alpha * a @ b, or with accumulate out += alpha * a @ b, in row chunks on our threads.
 // The chunks depend on the shape only: at least tuning::kBlasChunkFlops each, at most
@@ -124,12 +130,19 @@ inline void mm_rows(const at::Tensor& out, const at::Tensor& a, const at::Tensor
   const int64_t chunks =
       std::clamp<int64_t>(int64_t(flops / tuning::kBlasChunkFlops), 1, tuning::kBlasMaxChunks);
   const int64_t rows = std::max<int64_t>(16, ((M + chunks - 1) / chunks + 15) / 16 * 16);
+  const DirectGemm direct(out, a, b);
   auto run = [&](int64_t i0, int64_t i1) {
     const OneBlasThread one;
     // One call per chunk of `rows`, whoever runs it: the bits do not depend on the threads.
     for (int64_t r0 = i0 * rows; r0 < std::min(M, i1 * rows); r0 += rows) {
       const int64_t n = std::min(rows, M - r0);
-      if (direct_gemm_rows(out, a, b, alpha, accumulate, r0, r0 + n)) continue;
+      if (direct.applies) {
+        if (out.scalar_type() == at::kFloat)
+          direct.chunk<float>(out, a, b, alpha, accumulate, r0, n);
+        else
+          direct.chunk<double>(out, a, b, alpha, accumulate, r0, n);
+        continue;
+      }
       at::Tensor o = out.narrow(0, r0, n);
       if (accumulate)
         o.addmm_(a.narrow(0, r0, n), b, 1.0, alpha);

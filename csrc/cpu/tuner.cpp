@@ -358,15 +358,16 @@ Pick pick(const Dims& d, c10::ScalarType dtype) {
     std::lock_guard<std::mutex> lock(mutex);
     load_wisdom_once();
     auto it = entries.find(key);
-    if (busy_core::busy() && (it == entries.end() || it->second.busy)) {
+    const bool busy = busy_core::busy();  // one answer for this call
+    if (busy && (it == entries.end() || it->second.busy)) {
       // A busy core leaves about one thread's worth of ours: one thread's quiet pick, where
       // there is one, is a better guess than timings taken now.
       const auto one = entries.find(key_of(d, dtype, 1));
       if (one != entries.end() && !one->second.busy) it = one;
     }
-    if (it == entries.end() || (it->second.busy && !busy_core::busy())) {
+    if (it == entries.end() || (it->second.busy && !busy)) {
       Entry e = measure_key(d, dtype, false);
-      e.busy = busy_core::busy();
+      e.busy = busy || busy_core::busy();  // or it became busy while measuring
       it = entries.insert_or_assign(key, std::move(e)).first;
       if (!it->second.busy) save_wisdom();
     }
