@@ -81,6 +81,9 @@ TORCH_LIBRARY(twolayer_ext, m) {
   // For tests: count a core as busy for the next `ms` milliseconds (cpu/busy_core.h).
   m.def("_assume_busy_core(int ms) -> ()",
         [](int64_t ms) { twolayer::cpu::busy_core::assume_busy_for(ms); });
+  // For tests: `n` signs of a lost core now (cpu/busy_core.h).
+  m.def("_busy_core_signs(int n) -> ()",
+        [](int64_t n) { twolayer::cpu::busy_core::note_signs(int(n)); });
   m.def("cpu_kernels() -> str[]", [] { return twolayer::cpu::kernel_names(); });
   m.def("cpu_kernel_missing(str name) -> str",
         [](c10::string_view name) { return twolayer::cpu::kernel_missing(name); });

@@ -209,3 +209,58 @@ def test_while_a_core_is_busy_auto_takes_one_threads_quiet_pick(tmp_path):
     assert one.split(", threads")[0] == busy.split(", threads")[0]
     assert busy.split("; ", 1)[1].startswith(one.split("; ", 1)[1])
     assert "t1 128x256x64x8" in written and "t2 128x256x64x8" not in written
+
+
+# Signs of a lost core (late workers), given over more than the interval in which other
+# processes' CPU use is measured, while `during` runs; then whether a core counts as busy.
+def signs_then_busy(during="", after=""):
+    code = textwrap.dedent(during) + textwrap.dedent(
+        """
+        import time, torch, twolayer_ext as tl
+        ops = torch.ops.twolayer_ext
+        for _ in range(3):
+            ops._busy_core_signs(5)
+            time.sleep(0.15)
+        ops._busy_core_signs(5)
+        busy = tl.cpu_kernel_choice((64, 1000, 100, 10))["busy_core"]
+        """
+    )
+    return run_child(code + textwrap.dedent(after) + "print(busy)\n").strip() == "True"
+
+
+def test_signs_while_another_process_holds_a_core_make_a_busy_core():
+    loop = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        assert signs_then_busy()
+    finally:
+        loop.kill()
+        loop.wait()
+
+
+def test_signs_from_this_processs_own_threads_alone_are_not_a_busy_core():
+    # OpenMP's threads spinning after each region are this process's CPU time, not another's:
+    # here two threads of matrix products keep the machine's cores busy meanwhile.
+    products = """
+        import threading, torch
+        stop = threading.Event()
+        def products():
+            a = torch.randn(256, 256)
+            while not stop.is_set():
+                a @ a
+        threads = [threading.Thread(target=products) for _ in range(2)]
+        for t in threads:
+            t.start()
+    """
+    assert not signs_then_busy(during=products, after="stop.set()\n")
+
+
+def test_a_bad_busy_core_setting_is_named():
+    with pytest.raises(subprocess.CalledProcessError) as err:
+        subprocess.run(
+            [sys.executable, "-c", "import twolayer_ext as tl; tl.cpu_kernel_info((8, 8, 8, 8))"],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "TWOLAYER_BUSY_CORE": "yes"},
+        )
+    assert 'TWOLAYER_BUSY_CORE must be on or off, got "yes"' in err.value.stderr

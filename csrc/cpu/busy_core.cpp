@@ -5,14 +5,20 @@
 #include "tuning.h"
 
 #include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
+#include <time.h>
+#include <unistd.h>
+
 #include <atomic>
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 
 namespace twolayer::cpu::busy_core {
 
@@ -29,7 +35,10 @@ constexpr int64_t kMs = 1000000;
 bool enabled() {
   static const bool on = [] {
     const char* v = std::getenv("TWOLAYER_BUSY_CORE");
-    return !(v && std::strcmp(v, "off") == 0);
+    if (!v || !*v || std::strcmp(v, "on") == 0) return true;
+    TORCH_CHECK_VALUE(std::strcmp(v, "off") == 0, "TWOLAYER_BUSY_CORE must be on or off, got \"", v,
+                      "\"");
+    return false;
   }();
   return on;
 }
@@ -45,22 +54,77 @@ thread_local int restore_to = 0;
 
 namespace {
 
+// Every CPU's busy time since boot (Linux /proc/stat: user, nice, system, irq, softirq and a
+// hypervisor's steal), in seconds; negative where it cannot be read.
+double system_busy_s() {
+  std::FILE* f = std::fopen("/proc/stat", "r");
+  if (!f) return -1;
+  unsigned long long v[8] = {};
+  const int n = std::fscanf(f, "cpu %llu %llu %llu %llu %llu %llu %llu %llu", &v[0], &v[1], &v[2],
+                            &v[3], &v[4], &v[5], &v[6], &v[7]);
+  std::fclose(f);
+  if (n < 4) return -1;
+  static const double ticks_per_s = double(::sysconf(_SC_CLK_TCK));
+  return double(v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / ticks_per_s;
+}
+
+// This process's CPU time, every thread's, in seconds.
+double process_cpu_s() {
+  timespec ts{};
+  ::clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return double(ts.tv_sec) + 1e-9 * double(ts.tv_nsec);
+}
+
+enum class Others { kLoaded, kIdle, kPending };
+
+// Whether other processes (the machine's busy time less this process's CPU time) used
+// tuning::kBusyOthersCores or more over the last kBusyLoadMs or more up to t: a core held by
+// another process, not by this process's own threads (OpenMP's and OpenBLAS's spin a while
+// after each region, and take a core from our workers as another process would, but only
+// for milliseconds). kPending until an interval is measured; kLoaded where /proc/stat cannot
+// be read (the signs alone decide).
+Others others(int64_t t) {
+  static std::mutex m;
+  static int64_t since_t = 0, verdict_t = 0;
+  static double since_system = 0, since_process = 0;
+  static bool loaded = false;
+  const int64_t interval = tuning::kBusyLoadMs * kMs;
+  std::lock_guard<std::mutex> lock(m);
+  if (verdict_t && t - verdict_t < interval) return loaded ? Others::kLoaded : Others::kIdle;
+  if (since_t && t - since_t < interval) return Others::kPending;
+  const double system = system_busy_s();
+  if (system < 0) return Others::kLoaded;
+  const double process = process_cpu_s();
+  const bool fresh = since_t && t - since_t <= tuning::kBusyLoadStaleMs * kMs;
+  if (fresh) {
+    const double cores =
+        ((system - since_system) - (process - since_process)) / (1e-9 * double(t - since_t));
+    loaded = cores >= tuning::kBusyOthersCores;
+    verdict_t = t;
+  }
+  since_t = t, since_system = system, since_process = process;
+  return fresh ? (loaded ? Others::kLoaded : Others::kIdle) : Others::kPending;
+}
+
 // A sign that a thread of ours lost its core. Signs come on a quiet machine too (a late
-// wake-up), rarely; kBusySigns of them within kBusyWindowMs mean a core held by another
-// process, and while a core counts as busy each sign extends that by kBusyHoldMs.
+// wake-up, or this process's own threads spinning), rarely; kBusySigns of them within
+// kBusyWindowMs while other processes use a core mean a core held by another process, and
+// while a core counts as busy each sign extends that by kBusyHoldMs unless the other
+// processes are measured idle.
 void sign() {
   static std::atomic<int64_t> window_start{0};
   static std::atomic<int> signs{0};
   const int64_t t = now_ns();
   if (t < busy_until.load()) {
-    busy_until.store(t + tuning::kBusyHoldMs * kMs);
+    if (others(t) != Others::kIdle) busy_until.store(t + tuning::kBusyHoldMs * kMs);
     return;
   }
   if (t - window_start.load() > tuning::kBusyWindowMs * kMs) {
     window_start.store(t);
     signs.store(0);
   }
-  if (signs.fetch_add(1) + 1 >= tuning::kBusySigns) busy_until.store(t + tuning::kBusyHoldMs * kMs);
+  if (signs.fetch_add(1) + 1 >= tuning::kBusySigns && others(t) == Others::kLoaded)
+    busy_until.store(t + tuning::kBusyHoldMs * kMs);
 }
 
 }  // namespace
@@ -102,6 +166,11 @@ bool adapt() {
 }
 
 int team_threads() { return restore_to ? restore_to : at::get_num_threads(); }
+
+void note_signs(int n) {
+  if (enabled())
+    for (int i = 0; i < n; ++i) sign();
+}
 
 void assume_busy_for(int64_t ms) { busy_until.store(ms > 0 ? now_ns() + ms * kMs : 0); }
 

@@ -9,6 +9,8 @@
 //    count it had comes back at this thread's first op after the core is free again (a
 //    torch.set_num_threads made in between is kept).
 // Our kernels' results do not depend on the thread count, so nothing but the time changes.
+// A core counts as busy only while other processes use one: this process's own threads
+// (OpenMP's and OpenBLAS's spin for a while after each region) give signs too, briefly.
 // TWOLAYER_BUSY_CORE=off turns this off.
 #pragma once
 
@@ -38,6 +40,9 @@ int team_threads();
 
 // Steady clock, nanoseconds.
 int64_t now_ns();
+
+// For tests: `n` signs now, as `n` late workers would give.
+void note_signs(int n);
 
 // For tests: count a core as busy for the next `ms` milliseconds (0: not busy).
 void assume_busy_for(int64_t ms);

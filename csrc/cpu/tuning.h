@@ -68,25 +68,25 @@ constexpr int64_t kWorkspaceKeepBytes = int64_t(128) << 20;
 // it sleeps.
 constexpr int64_t kPoolChunksPerThread = 4;
 constexpr int kPoolSpinMicroseconds = 50;
-// A core counts as busy (busy_core.h) after kBusySigns signs within kBusyWindowMs, and for
-// kBusyHoldMs after the last. A sign: a parallel region whose caller waited at its end over
-// kBusyWaitMicroseconds (and over its own work) for another thread, or a job of our pool
-// that ran kBusyNoWorkerMicroseconds without any awake worker joining (kBusyWaitMicroseconds
-// where one had to be woken from sleep). Measured on an Intel Xeon
-// (2 cores), 8 s of steps at seed and medium: quiet, 5 and 16 such no-worker jobs and 5
-// waits (a core's time slice is milliseconds; a quiet machine's wake-ups take tens of
-// microseconds); one core busy, hundreds a second.
+// A core counts as busy (busy_core.h) after kBusySigns signs within kBusyWindowMs while other
+// processes use kBusyOthersCores or more (measured over kBusyLoadMs or more; an older
+// start, over kBusyLoadStaleMs, begins a new interval), and for kBusyHoldMs after the last.
+// A sign: a parallel region whose caller waited at its end over kBusyWaitMicroseconds (and
+// over its own work) for another thread, or a job of our pool that ran
+// kBusyNoWorkerMicroseconds without any awake worker joining (kBusyWaitMicroseconds where one
+// had to be woken from sleep). Measured on an Intel Xeon (2 cores), 8 s of steps at seed and
+// medium: quiet, 5 and 16 such no-worker jobs and 5 waits (a core's time slice is
+// milliseconds; a quiet machine's wake-ups take tens of microseconds); one core busy,
+// hundreds a second. Other processes' use over 100 ms intervals of nn.Sequential and
+// sgd_step steps: quiet -0.15 to 0.14 cores, one busy-loop process 0.89 to 1.17.
 constexpr int64_t kBusyWaitMicroseconds = 1000;
 constexpr int64_t kBusyNoWorkerMicroseconds = 200;
 constexpr int kBusySigns = 3;
 constexpr int64_t kBusyWindowMs = 100;
 constexpr int64_t kBusyHoldMs = 2000;
-// Outside sgd_step the loops run on OpenMP's threads (pool.h), unless two regions within
-// kOpenMPLateWindowMs each kept their caller waiting over kOpenMPLateMicroseconds for the
-// team (a core held by another process): then on our pool for the next kOpenMPContendedMs.
-constexpr int kOpenMPLateMicroseconds = 500;
-constexpr int kOpenMPLateWindowMs = 200;
-constexpr int kOpenMPContendedMs = 1000;
+constexpr double kBusyOthersCores = 0.5;
+constexpr int64_t kBusyLoadMs = 100;
+constexpr int64_t kBusyLoadStaleMs = 1000;
 
 // Elementwise passes: elements per thread task.
 constexpr int64_t kElementwiseGrain = int64_t(1) << 15;
