@@ -297,10 +297,13 @@ Entry measure(const Dims& full, bool at_full_size) {
         .count();
   };
   std::vector<int> rows = candidates_for(full);
-  // A screen on the first rows alone (also the warm-up: first touch, packing buffers) drops
-  // the far slower candidates before they cost a full-size call.
+  // A screen on the first rows alone drops the far slower candidates before they cost a
+  // full-size call. Each candidate is called once before it (first touch, packing buffers,
+  // the BLAS's first call on this thread: seen to take 2.5x a warm call at the tutorial's
+  // size, which dropped blas there).
   StepArgs<T> screen = s;
   screen.d.N = std::min<int64_t>(d.N, std::max<int64_t>(16, d.N / tuning::kTuneScreenFraction));
+  for (int r : rows) time_us(r, screen);
   std::map<int, double> screened;
   double best = INFINITY;
   for (int r : rows) best = std::min(best, screened[r] = time_us(r, screen));
