@@ -125,6 +125,10 @@ struct DirectGemm {
 // tuning::kBlasMaxChunks, rows a multiple of 16.
 inline void mm_rows(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double alpha,
                     bool accumulate) {
+  // A column-major out (a weight gradient in nn.Linear's layout) as the row-major out^T =
+  // b^T a^T, which DirectGemm takes: otherwise each chunk goes through ATen.
+  if (out.stride(0) == 1 && out.stride(1) != 1 && out.size(0) > 1 && out.size(1) > 1)
+    return mm_rows(out.t(), b.t(), a.t(), alpha, accumulate);
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
   const double flops = 2.0 * double(M) * double(K) * double(N);
   const int64_t chunks =
