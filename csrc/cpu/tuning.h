@@ -98,7 +98,7 @@ constexpr int64_t kElementwiseGrain = int64_t(1) << 15;
 // kTuneDropRatio times slower than the best; then up to kTuneRounds interleaved rounds,
 // within kTuneBudgetMs for the whole key.
 constexpr double kTuneMinFlops = 2e6;
-constexpr double kTuneMaxFlops = 4e8;
+constexpr double kTuneMaxFlops = 2e8;
 constexpr int64_t kTuneScreenFraction = 4;
 constexpr double kTuneDropRatio = 2.5;
 constexpr int kTuneRounds = 5;
