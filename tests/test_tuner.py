@@ -4,6 +4,7 @@ same picks), and a missing, corrupt, read-only or stale wisdom file never fails 
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -174,3 +175,94 @@ def test_auto_never_offers_reference_and_names_its_candidates():
         assert "reference" not in info and "blas" in info
     with pytest.raises(TypeError, match="float32 or float64"):
         torch.ops.twolayer_ext.cpu_kernel_tune([8, 8, 8, 8], torch.float16)
+
+
+# ~2.2 GFLOP a step: a large step, measured on a few of its rows, then tried at full size.
+LARGE = (2048, 1024, 256, 16)
+
+
+def _large_problem(dtype=torch.float32):
+    g = torch.Generator().manual_seed(5)
+    N, D_in, H, D_out = LARGE
+    x = torch.rand(N, D_in, generator=g, dtype=dtype) - 0.5
+    y = torch.rand(N, D_out, generator=g, dtype=dtype) - 0.5
+    w1 = (torch.rand(D_in, H, generator=g, dtype=dtype) - 0.5) / 16
+    w2 = (torch.rand(H, D_out, generator=g, dtype=dtype) - 0.5) / 8
+    return x, y, {"w1": w1, "w2": w2, "b1": None, "b2": None}
+
+
+@pytest.mark.slow  # a dozen steps of 2 GFLOP
+def test_a_large_step_tries_its_candidates_at_full_size_then_decides():
+    from twolayer_ext import reference as R
+
+    x, y, w = _large_problem(torch.float64)
+    calls = []
+    with tl.use_cpu_kernel("auto"):
+        for _ in range(16):
+            want = {k: None if v is None else v.clone() for k, v in w.items()}
+            want_loss = R.manual_sgd_step(x, y, want, 1e-4)
+            loss = tl.sgd_step(x, y, w["w1"], w["w2"], lr=1e-4).item()
+            # every call does the real step, whichever candidate it tried
+            assert loss == pytest.approx(want_loss, rel=1e-10)
+            for k in ("w1", "w2"):
+                torch.testing.assert_close(w[k], want[k], rtol=1e-10, atol=1e-12)
+                w[k] = want[k]  # the next step from the oracle's weights
+            calls.append(tl.cpu_kernel_choice(LARGE, torch.float64)["how"])
+            if calls[-1] != "trying":
+                break
+        info = tl.cpu_kernel_info(LARGE, torch.float64)
+    assert calls[0] == "trying" and calls[-1] == "measured", calls
+    # decided at full size, within the rounds: candidates x 2 calls at most
+    assert len(calls) <= 2 * 4, calls
+    assert f"measured at N={LARGE[0]}" in info and "tried at full size" in info, info
+    picked = info.split(": ")[1].split(",")[0]
+    measured = info.split(f"N={LARGE[0]}:")[1].split("(measuring")[0]
+    times = {name: float(us) for name, us in re.findall(r"([a-z0-9-]+) (\d+) us", measured)}
+    assert picked == min(times, key=times.get), info
+
+
+TRIAL_CHILD = textwrap.dedent(
+    """
+    import json, os, sys, torch, twolayer_ext as tl
+    wisdom = os.environ["TWOLAYER_WISDOM"]
+    g = torch.Generator().manual_seed(0)
+    shape = %r
+    x, y = torch.rand(shape[0], shape[1], generator=g), torch.rand(shape[0], shape[3], generator=g)
+    w1 = torch.rand(shape[1], shape[2], generator=g) / 64
+    w2 = torch.rand(shape[2], shape[3], generator=g) / 16
+    seen = []
+    for _ in range(12):
+        tl.sgd_step(x, y, w1, w2, lr=1e-6)
+        how = tl.cpu_kernel_choice(shape)["how"]
+        written = os.path.exists(wisdom) and "%s" in open(wisdom).read()
+        seen.append([how, written])
+        if how != "trying":
+            break
+    print(json.dumps({"seen": seen, "choice": tl.cpu_kernel_choice(shape)}))
+"""
+)
+
+
+@pytest.mark.slow  # subprocesses running large steps
+def test_trials_reach_the_wisdom_file_only_when_decided(tmp_path):
+    wisdom = tmp_path / "wisdom.txt"
+    code = TRIAL_CHILD % (LARGE, "2048x1024x256x16")
+
+    def run():
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "TWOLAYER_WISDOM": str(wisdom)},
+        )
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    first = run()
+    assert [how for how, _ in first["seen"][:-1]] == ["trying"] * (len(first["seen"]) - 1)
+    assert not any(written for _, written in first["seen"][:-1])  # not before it is decided
+    assert first["seen"][-1] == ["measured", True], first
+    second = run()  # read back: no measuring, no trials, the same pick
+    assert second["seen"] == [["wisdom", True]]
+    assert second["choice"]["variant"] == first["choice"]["variant"]

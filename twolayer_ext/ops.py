@@ -170,8 +170,10 @@ def cpu_kernel_info(shape: Sequence[int] | None = None, dtype: torch.dtype = tor
 def cpu_kernel_choice(shape: Sequence[int], dtype: torch.dtype = torch.float32) -> dict:
     """What runs for a problem of shape (N, D_in, H, D_out) in that dtype, as data:
     {"choice": "auto", "variant": "blas", "how": "measured", "threads": 2, "busy_core": false};
-    "how" is "measured", "wisdom", "rule", "pinned" or "low precision" (float16/bfloat16: variant
-    "composite"); "busy_core": another process holds a core now (csrc/cpu/busy_core.h)."""
+    "how" is "measured", "wisdom", "rule", "pinned", "low precision" (float16/bfloat16: variant
+    "composite") or "trying" (a large step's first whole-step calls try the candidates at full
+    size; "variant" is the measured pick meanwhile); "busy_core": another process holds a core
+    now (csrc/cpu/busy_core.h)."""
     return json.loads(_ops.cpu_kernel_choice([int(v) for v in shape], dtype))
 
 

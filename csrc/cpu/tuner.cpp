@@ -79,6 +79,15 @@ struct Entry {
   // serves this process until the core is free, is measured again then, and never reaches
   // the wisdom file.
   bool busy = false;
+  // Trials (tuner.h): the key's first whole-step calls run these candidates in turn at full
+  // size and are timed; the entry is final, and written, once they are done.
+  std::vector<int> schedule;                    // kTuneTrialRounds rounds of the kept candidates
+  size_t handed = 0, reported = 0;              // schedule entries handed to calls, and timed
+  std::map<int, std::vector<double>> trial_us;  // per candidate, scaled to trial_flops
+  double trial_flops = 0;     // the first trial's step flops (calls of a bucket vary)
+  double trial_extra_ms = 0;  // the trials' time over the best candidate's
+  int64_t trial_rows = 0;
+  bool trying() const { return !schedule.empty(); }
 };
 
 std::string describe(const Entry& e) {
@@ -91,6 +100,12 @@ std::string describe(const Entry& e) {
     os << (i ? ", " : "; screened out (over the drop ratio): ")
        << variant_at(e.screened_out[i]).name;
   if (e.source == "measured") os << " (measuring took " << std::llround(e.cost_ms) << " ms)";
+  if (e.trying())
+    os << "; trying the candidates at full size in its first whole-step calls (" << e.reported
+       << " of " << e.schedule.size() << " done)";
+  if (e.trial_rows && !e.trying())
+    os << "; tried at full size in its first whole-step calls, which took "
+       << std::llround(e.trial_extra_ms) << " ms more than the pick would have";
   if (e.busy) os << "; a core was busy: measured again when it is free";
   return os.str();
 }
@@ -356,9 +371,57 @@ Entry measure_key(const Dims& d, c10::ScalarType dtype, bool full) {
   return dtype == c10::ScalarType::Double ? measure<double>(d, full) : measure<float>(d, full);
 }
 
+// Starts trials where the measuring ran on a small share of a large step's rows.
+void start_trials(Entry& e, const Dims& d) {
+  if (e.busy || e.us.size() < 2 || step_flops(d) < tuning::kTuneTrialMinFlops) return;
+  for (int round = 0; round < tuning::kTuneTrialRounds; ++round)
+    for (const auto& [row, us] : e.us) e.schedule.push_back(row);
+}
+
+// The trials are done: the fastest at full size is the pick, remembered and written.
+void finish_trials(Entry& e) {
+  std::vector<std::pair<int, double>> us;
+  double best = INFINITY;
+  for (const auto& [row, t] : e.trial_us) {
+    us.emplace_back(row, *std::min_element(t.begin(), t.end()));
+    best = std::min(best, us.back().second);
+  }
+  e.schedule.clear();
+  if (us.empty()) {  // every trial ran while a core was busy: measure again when it is free
+    e.busy = true;
+    return;
+  }
+  e.trial_extra_ms = 0;
+  for (const auto& [row, t] : e.trial_us)
+    for (double v : t) e.trial_extra_ms += (v - best) / 1000;
+  std::sort(us.begin(), us.end(), [](const auto& a, const auto& b) { return a.second < b.second; });
+  e.us = us, e.row = us.front().first, e.rows = e.trial_rows;
+  save_wisdom();
+}
+
+bool trials_over(const Entry& e) { return e.handed >= e.schedule.size() && e.reported >= e.handed; }
+
+// The next candidate to try, or -1: one already over kTuneTrialDropRatio times the best full-
+// size time so far is skipped.
+int next_trial(Entry& e) {
+  double best = INFINITY;
+  for (const auto& [row, t] : e.trial_us)
+    best = std::min(best, *std::min_element(t.begin(), t.end()));
+  while (e.handed < e.schedule.size()) {
+    const int row = e.schedule[e.handed++];
+    const auto t = e.trial_us.find(row);
+    if (t == e.trial_us.end() ||
+        *std::min_element(t->second.begin(), t->second.end()) <= tuning::kTuneTrialDropRatio * best)
+      return row;
+    ++e.reported;  // skipped
+  }
+  if (trials_over(e)) finish_trials(e);
+  return -1;
+}
+
 }  // namespace
 
-Pick pick(const Dims& d, c10::ScalarType dtype) {
+Pick pick(const Dims& d, c10::ScalarType dtype, bool whole_step) {
   const std::vector<int> candidates = candidates_for(d);
   if (step_flops(d) < tuning::kTuneMinFlops || candidates.size() == 1)
     return {candidates.front(), "rule",
@@ -381,14 +444,37 @@ Pick pick(const Dims& d, c10::ScalarType dtype) {
     if (it == entries.end() || (it->second.busy && !busy)) {
       Entry e = measure_key(d, dtype, false);
       e.busy = busy || busy_core::busy();  // or it became busy while measuring
+      start_trials(e, d);
       it = entries.insert_or_assign(key, std::move(e)).first;
-      if (!it->second.busy) save_wisdom();
+      if (!it->second.busy && !it->second.trying()) save_wisdom();
     }
-    p = {it->second.row, it->second.source, describe(it->second)};
+    Entry& e = it->second;
+    const int trial = whole_step && !busy && e.trying() ? next_trial(e) : -1;
+    p = {trial >= 0 ? trial : e.row, e.trying() ? "trying" : e.source, describe(e), trial >= 0,
+         trial >= 0 ? key : std::string()};
     warning.swap(pending_warning);
   }
   issue(std::move(warning));
   return p;
+}
+
+void report_trial(const std::string& key, const Dims& d, int row, double us) {
+  const bool busy = busy_core::busy();
+  std::string warning;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    const auto it = entries.find(key);
+    if (it == entries.end() || !it->second.trying()) return;
+    Entry& e = it->second;
+    ++e.reported;
+    if (us >= 0 && !busy) {  // timings taken while a core is busy mislead
+      if (e.trial_rows == 0) e.trial_rows = d.N, e.trial_flops = step_flops(d);
+      e.trial_us[row].push_back(us * e.trial_flops / step_flops(d));
+    }
+    if (trials_over(e)) finish_trials(e);
+    warning.swap(pending_warning);
+  }
+  issue(std::move(warning));
 }
 
 std::string tune(const Dims& d, c10::ScalarType dtype, bool full) {
@@ -400,15 +486,17 @@ std::string tune(const Dims& d, c10::ScalarType dtype, bool full) {
     load_wisdom_once();
     e = measure_key(d, dtype, full);
     e.busy = busy_core::busy();
+    if (!full) start_trials(e, d);  // as a first call would go on
     entries[key] = e;
-    if (!e.busy) save_wisdom();
+    if (!e.busy && !e.trying()) save_wisdom();
     warning.swap(pending_warning);
   }
   issue(std::move(warning));
   std::ostringstream os;
   os << "{\"key\": \"" << key << "\", \"pick\": \"" << variant_at(e.row).name
      << "\", \"rows\": " << e.rows << ", \"cost_ms\": " << e.cost_ms
-     << ", \"busy_core\": " << (e.busy ? "true" : "false") << ", \"us\": {";
+     << ", \"busy_core\": " << (e.busy ? "true" : "false") << ", \"trials\": " << e.schedule.size()
+     << ", \"us\": {";
   for (size_t i = 0; i < e.us.size(); ++i)
     os << (i ? ", " : "") << "\"" << variant_at(e.us[i].first).name << "\": " << e.us[i].second;
   os << "}, \"wisdom\": \"" << wisdom_path() << "\"}";

@@ -23,14 +23,24 @@ namespace twolayer::cpu::tuner {
 
 struct Pick {
   int row;          // the variant table row (variants.h)
-  std::string how;  // "measured", "wisdom" or "rule"
+  std::string how;  // "measured", "wisdom", "rule" or "trying"
   std::string
       why;  // "measured at N=96: blas 150 us, tuned-avx512 210 us", "wisdom ...", "rule: ..."
+  bool trial = false;  // row is a trial: time the call, and hand the time to report_trial
+  std::string key;     // a trial's key, for report_trial
 };
 
 // The variant auto runs for this float32/float64 problem at the current thread count:
 // remembered, read from the wisdom file, or measured now.
-Pick pick(const Dims& d, c10::ScalarType dtype);
+//
+// A large step (tuning::kTuneTrialMinFlops) is measured on a small share of its rows, within
+// the budget, and there its candidates can rank the other way round from the full size. Its
+// first whole-step calls (whole_step: sgd_step, the fused loss) then try the candidates at
+// full size, each doing the call's real work, in kTuneTrialRounds rounds; the fastest becomes
+// the pick, written to the wisdom file then. Until then, other calls run the measured pick.
+Pick pick(const Dims& d, c10::ScalarType dtype, bool whole_step = false);
+// How long a trial's call took (us), or -1 where it threw; key: the Pick's.
+void report_trial(const std::string& key, const Dims& d, int row, double us);
 
 // Measures the key of this problem now, whatever is remembered, and remembers the result
 // (full: at the problem's own N, not the budget's). Returns it as a JSON object.

@@ -7,6 +7,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mul.h>
 
+#include <chrono>
 #include <cmath>
 #include <type_traits>
 #include <vector>
@@ -17,6 +18,7 @@
 #include "../loss_value.h"
 #include "cpu_impl.h"
 #include "pool.h"
+#include "tuner.h"
 #include "tuning.h"
 #include "variants.h"
 
@@ -84,7 +86,21 @@ double run_step(const Dims& d, const at::Tensor& x, const at::Tensor& target, co
                       gw2,
                       gb1,
                       gb2};
-  return variant_for(d, c10::CppTypeToScalarType<T>::value).template kernels<T>().step(s);
+  constexpr auto dtype = c10::CppTypeToScalarType<T>::value;
+  const StepVariant v = step_variant_for(d, dtype);
+  if (!v.trial) return v.variant->template kernels<T>().step(s);
+  const auto t0 = std::chrono::steady_clock::now();
+  double total;
+  try {
+    total = v.variant->template kernels<T>().step(s);
+  } catch (...) {
+    tuner::report_trial(v.trial_key, d, v.row, -1);
+    throw;
+  }
+  tuner::report_trial(
+      v.trial_key, d, v.row,
+      std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
+  return total;
 }
 
 }  // namespace

@@ -136,6 +136,17 @@ const Variant& variant_for(const Dims& d, c10::ScalarType dtype) {
   return kTable[row_for(current_choice(), d, dtype)];
 }
 
+StepVariant step_variant_for(const Dims& d, c10::ScalarType dtype) {
+  const int c = current_choice();
+  if (c != kAuto || low_precision(dtype)) {
+    const int row = row_for(c, d, dtype);
+    return {&kTable[row], row, false, {}};
+  }
+  tuned_row();  // a bad TWOLAYER_ISA fails on any shape
+  const tuner::Pick p = tuner::pick(d, dtype, /*whole_step=*/true);
+  return {&kTable[p.row], p.row, p.trial, p.key};
+}
+
 std::string set_kernel_variant(c10::string_view name, bool this_thread) {
   // "" clears this thread's choice (what use_cpu_kernel restores when there was none).
   const int c = this_thread && name.empty() ? kNoThreadChoice

@@ -58,6 +58,8 @@ DTYPES = {
 # A recipe whose warm-up step takes longer is skipped (the plain-loop reference kernels take
 # ~10 s per step at the large size); the first call is not judged (lazy init, compilation).
 SLOW_STEP_S = 2.0
+# Warm-up calls at most while auto still tries candidates (a handful in practice).
+MAX_TRIAL_CALLS = 32
 ADAM_LR = 1e-3  # torch.optim.Adam's default
 
 
@@ -160,9 +162,14 @@ def measure(size_name, shape, dtype, device, names, args, progress):
         progress(f"{cell} {name}: warm-up", line=True)
         step = B.build(name, B.Problem(x, y, params, lr, device=device, dtype=dtype)).step
         # Warm up for a while, not a count: the first second of a process runs slow here
-        # (seen: 15-20 ms narrow steps that settle at 11 ms), and compile needs a few calls.
+        # (seen: 15-20 ms narrow steps that settle at 11 ms), and compile needs a few calls;
+        # and while auto still tries its candidates at full size (a large step's first calls).
         calls, t_end, status = 0, time.perf_counter() + args.warmup, None
-        while calls < spec.recipe.warmup_calls or time.perf_counter() < t_end:
+        while (
+            calls < spec.recipe.warmup_calls
+            or time.perf_counter() < t_end
+            or (calls < MAX_TRIAL_CALLS and B.trying(name, shape, dtype, device))
+        ):
             loss, one = _timed_call(step, device)
             calls += 1
             if calls > 1 and one > SLOW_STEP_S:

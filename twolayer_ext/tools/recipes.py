@@ -25,7 +25,15 @@ from torch import nn
 
 from .. import reference as R
 from ..module import TwoLayerNet
-from ..ops import CPU_KERNELS, cpu_kernel_info, l2_loss, set_cpu_kernel, sgd_step, use_cpu_kernel
+from ..ops import (
+    CPU_KERNELS,
+    cpu_kernel_choice,
+    cpu_kernel_info,
+    l2_loss,
+    set_cpu_kernel,
+    sgd_step,
+    use_cpu_kernel,
+)
 
 Arrays = Dict[str, Optional[np.ndarray]]
 
@@ -329,6 +337,18 @@ def variant_ran(
         return "lowp"
     with use_cpu_kernel(spec.variant or current_cpu_kernel()):
         return cpu_kernel_info(shape, dtype).split(":")[1].split(",")[0].strip()
+
+
+def trying(
+    name: str, shape: Tuple[int, int, int, int], dtype: torch.dtype, device: str = "cpu"
+) -> bool:
+    """Whether auto, for recipe `name` on this problem, is still trying its candidates at full
+    size in the first whole-step calls (a large step: see docs/design.md)."""
+    spec = parse(name)
+    if not spec.recipe.ours or device != "cpu" or dtype in (torch.float16, torch.bfloat16):
+        return False
+    with use_cpu_kernel(spec.variant or current_cpu_kernel()):
+        return cpu_kernel_choice(shape, dtype)["how"] == "trying"
 
 
 def runs_on(name: str, device: str, dtype: Optional[torch.dtype] = None) -> bool:

@@ -6,7 +6,8 @@
 
 Ahead of time, each problem is timed at its own size. The first call of a new (dtype,
 thread count, shape bucket) measures the same way but within a time budget (about 70 ms), on
-fewer rows when a step is large; --bounded measures that way here. Picks go to the wisdom file
+fewer rows when a step is large; --bounded measures that way here. A large step's first
+whole-step calls then try the candidates at full size, and decide (docs/design.md). Picks go to the wisdom file
 (TWOLAYER_WISDOM, else the user's cache folder; see docs/design.md), so later processes reuse them.
 """
 
@@ -76,6 +77,11 @@ def main(argv=None):
                 times = ", ".join(f"{k} {v:,.0f} us" for k, v in r["us"].items())
                 if r["busy_core"]:
                     times += " (a core was busy: not written to the wisdom file)"
+                elif r["trials"]:
+                    times += (
+                        f"; then {r['trials']} trials at full size in the first whole-step calls"
+                        " decide (not written until then)"
+                    )
                 print(
                     f"{name:<10} {dtype:<8} {threads:>7}  {r['pick']:<14} {r['rows']:>6} "
                     f"{r['cost_ms']:>8.1f}  {times}",
