@@ -61,11 +61,12 @@ std::vector<int> candidates_for(const Dims& d) {
 }
 
 std::string key_of(const Dims& d, c10::ScalarType dtype, int threads) {
-  std::ostringstream os;
-  os << "step " << (dtype == c10::ScalarType::Double ? "float64" : "float32") << " t" << threads
-     << " " << pow2_ceil(d.N) << "x" << pow2_ceil(d.D_in) << "x" << pow2_ceil(d.H) << "x"
-     << pow2_ceil(d.D_out);
-  return os.str();
+  char key[128];  // snprintf, not a stream: this runs on every op call
+  std::snprintf(key, sizeof key, "step %s t%d %lldx%lldx%lldx%lld",
+                dtype == c10::ScalarType::Double ? "float64" : "float32", threads,
+                static_cast<long long>(pow2_ceil(d.N)), static_cast<long long>(pow2_ceil(d.D_in)),
+                static_cast<long long>(pow2_ceil(d.H)), static_cast<long long>(pow2_ceil(d.D_out)));
+  return key;
 }
 
 struct Entry {
@@ -421,12 +422,13 @@ int next_trial(Entry& e) {
 
 }  // namespace
 
-Pick pick(const Dims& d, c10::ScalarType dtype, bool whole_step) {
+Pick pick(const Dims& d, c10::ScalarType dtype, For purpose) {
   const std::vector<int> candidates = candidates_for(d);
   if (step_flops(d) < tuning::kTuneMinFlops || candidates.size() == 1)
     return {candidates.front(), "rule",
-            "rule: below " + std::to_string(int64_t(tuning::kTuneMinFlops)) +
-                " flops per step our tuned kernels, unmeasured"};
+            purpose != For::Info ? std::string()
+                                 : "rule: below " + std::to_string(int64_t(tuning::kTuneMinFlops)) +
+                                       " flops per step our tuned kernels, unmeasured"};
   const std::string key = key_of(d, dtype, busy_core::team_threads());
   Pick p;
   std::string warning;
@@ -449,8 +451,9 @@ Pick pick(const Dims& d, c10::ScalarType dtype, bool whole_step) {
       if (!it->second.busy && !it->second.trying()) save_wisdom();
     }
     Entry& e = it->second;
-    const int trial = whole_step && !busy && e.trying() ? next_trial(e) : -1;
-    p = {trial >= 0 ? trial : e.row, e.trying() ? "trying" : e.source, describe(e), trial >= 0,
+    const int trial = purpose == For::WholeStep && !busy && e.trying() ? next_trial(e) : -1;
+    p = {trial >= 0 ? trial : e.row, e.trying() ? "trying" : e.source,
+         purpose == For::Info ? describe(e) : std::string(), trial >= 0,
          trial >= 0 ? key : std::string()};
     warning.swap(pending_warning);
   }

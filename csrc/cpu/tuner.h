@@ -35,10 +35,15 @@ struct Pick {
 //
 // A large step (tuning::kTuneTrialMinFlops) is measured on a small share of its rows, within
 // the budget, and there its candidates can rank the other way round from the full size. Its
-// first whole-step calls (whole_step: sgd_step, the fused loss) then try the candidates at
+// first whole-step calls (For::WholeStep: sgd_step, the fused loss) then try the candidates at
 // full size, each doing the call's real work, in kTuneTrialRounds rounds; the fastest becomes
 // the pick, written to the wisdom file then. Until then, other calls run the measured pick.
-Pick pick(const Dims& d, c10::ScalarType dtype, bool whole_step = false);
+enum class For {
+  Info,       // cpu_kernel_info / cpu_kernel_choice: with the why
+  Call,       // an op's call: no why (building it cost ~4 us a call)
+  WholeStep,  // sgd_step or the fused loss: may be handed a trial
+};
+Pick pick(const Dims& d, c10::ScalarType dtype, For purpose = For::Info);
 // How long a trial's call took (us), or -1 where it threw; key: the Pick's.
 void report_trial(const std::string& key, const Dims& d, int row, double us);
 

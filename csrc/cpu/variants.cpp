@@ -122,7 +122,7 @@ bool low_precision(c10::ScalarType dtype) {
 int row_for(int choice, const Dims& d, c10::ScalarType dtype) {
   if (choice >= 0) return choice;
   const int tuned = tuned_row();  // first, so that a bad TWOLAYER_ISA fails on any shape
-  if (choice == kAuto && !low_precision(dtype)) return tuner::pick(d, dtype).row;
+  if (choice == kAuto && !low_precision(dtype)) return tuner::pick(d, dtype, tuner::For::Call).row;
   return tuned;
 }
 
@@ -143,7 +143,7 @@ StepVariant step_variant_for(const Dims& d, c10::ScalarType dtype) {
     return {&kTable[row], row, false, {}};
   }
   tuned_row();  // a bad TWOLAYER_ISA fails on any shape
-  const tuner::Pick p = tuner::pick(d, dtype, /*whole_step=*/true);
+  const tuner::Pick p = tuner::pick(d, dtype, tuner::For::WholeStep);
   return {&kTable[p.row], p.row, p.trial, p.key};
 }
 
