@@ -3,7 +3,7 @@
 // scheduler time slice, milliseconds, where the step takes hundreds of microseconds. Our
 // pool never waits for a worker that has not started (pool.h), so we watch how long the
 // regions keep their caller waiting, and while a core looks busy:
-//  - our loops run on our pool, also outside sgd_step;
+//  - our loops run on our pool (pool.h) instead of OpenMP's threads;
 //  - ATen's parallel regions called from this thread (the optimizer, gradient accumulation,
 //    the user's own ops) run on one thread: torch.get_num_threads() reads 1 there, and the
 //    count it had comes back at this thread's first op after the core is free again (a

@@ -42,7 +42,6 @@ void run_on_openmp(int64_t begin, int64_t end, int64_t grain, ChunkFn run, const
 }
 
 thread_local bool in_region = false;
-thread_local bool use_pool = false;  // set by PoolScope
 
 struct Job {
   ChunkFn run;
@@ -166,12 +165,9 @@ class Pool {
 
 }  // namespace
 
-PoolScope::PoolScope() : previous_(use_pool) { use_pool = true; }
-PoolScope::~PoolScope() { use_pool = previous_; }
-
 void parallel_for_chunks(int64_t begin, int64_t end, int64_t grain, ChunkFn run, const void* f) {
   const bool busy = !in_region && busy_core::adapt();
-  if (!use_pool && !in_region && !busy) {
+  if (!in_region && !busy) {
     run_on_openmp(begin, end, grain, run, f);
     return;
   }

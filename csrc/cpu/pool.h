@@ -14,27 +14,13 @@
 
 namespace twolayer::cpu {
 
-// Our pool serves the loops inside a PoolScope (sgd_step: the whole training step in one
-// call), and all of them while a core is busy (busy_core.h); elsewhere the loops run on
-// ATen's OpenMP threads. The ops of the autograd paths sit
-// among ATen ops (the optimizer, gradient accumulation), and two pools on the same cores
-// spin against each other: measured, the fused loss at 2 threads ran at half speed (again on
-// an Intel Xeon: medium, 2 threads, fused loss + SGD 5.1 ms on our pool against 3.1 ms, while
-// with one core busy our pool held 0.4 ms at seed where OpenMP took 16 ms).
-class PoolScope {
- public:
-  PoolScope();
-  ~PoolScope();
-  PoolScope(const PoolScope&) = delete;
-  PoolScope& operator=(const PoolScope&) = delete;
-
- private:
-  bool previous_;
-};
-
-// Whether the loops outside a PoolScope run on our pool now, because OpenMP's team
-// recently kept its callers waiting (pool.cpp).
-bool openmp_contended();
+// Our pool serves the loops while a core is busy (busy_core.h); elsewhere they run on ATen's
+// OpenMP threads, as the ATen ops around them do (the optimizer, gradient accumulation, a
+// user's own torch code). Two pools on the same cores spin against each other: OpenMP's idle
+// threads spin for milliseconds after each region, so a step on our pool right after ATen ops
+// ran slow (AMD EPYC Zen 4, medium float32, 2 threads: sgd_step 3.3-3.8 ms alone, 4.6-5.9 ms
+// after a block of nn.Sequential or fused-loss steps; on OpenMP 3.3-3.7 ms both ways), and on
+// a quiet machine the two run a step alone equally fast (0.95-1.03x at every size).
 
 using ChunkFn = void (*)(const void* f, int64_t begin, int64_t end);
 void parallel_for_chunks(int64_t begin, int64_t end, int64_t grain, ChunkFn run, const void* f);

@@ -31,7 +31,6 @@
 #include <sstream>
 #include <vector>
 
-#include "pool.h"
 #include "tuning.h"
 #include "variants.h"
 
@@ -307,7 +306,6 @@ Entry measure(const Dims& full, bool at_full_size) {
   // The fused loss with every weight's gradient: sgd_step's work, without moving the weights.
   const StepArgs<T> s{d,     view(x), view(target), view(w1), view(w2), {nullptr, 0}, {nullptr, 0},
                       false, nullptr, nullptr,      o1,       o2,       {},           {}};
-  const PoolScope pool;  // as sgd_step runs it
   auto time_us = [&](int row, const StepArgs<T>& args) {
     const auto t0 = std::chrono::steady_clock::now();
     variant_at(row).template kernels<T>().step(args);

@@ -17,7 +17,6 @@
 #include "../kernels.h"
 #include "../loss_value.h"
 #include "cpu_impl.h"
-#include "pool.h"
 #include "tuner.h"
 #include "tuning.h"
 #include "variants.h"
@@ -210,7 +209,6 @@ at::Tensor sgd_step(const at::Tensor& x, const at::Tensor& target, const at::Ten
   if (sixteen_bit(x))
     return composite::sgd_step<SixteenBit>(x, target, w1, w2, b1, b2, lr, mean, update);
   const auto [update_w1, update_w2, update_b1, update_b2] = update;
-  const PoolScope pool;  // the whole step in one call: our pool (pool.h)
   auto loss = at::empty({}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sgd_step", [&] {
     using T = scalar_t;
