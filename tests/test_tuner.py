@@ -215,6 +215,13 @@ def test_a_large_step_tries_its_candidates_at_full_size_then_decides():
     # decided at full size, within the rounds: candidates x 2 calls at most
     assert len(calls) <= 2 * 4, calls
     assert f"measured at N={LARGE[0]}" in info and "tried at full size" in info, info
+    # decided: repeated calls are bitwise identical again
+    with tl.use_cpu_kernel("auto"):
+        runs = []
+        for _ in range(2):
+            w1, w2 = w["w1"].clone(), w["w2"].clone()
+            runs.append((tl.sgd_step(x, y, w1, w2, lr=1e-4), w1, w2))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
     picked = info.split(": ")[1].split(",")[0]
     measured = info.split(f"N={LARGE[0]}:")[1].split("(measuring")[0]
     times = {name: float(us) for name, us in re.findall(r"([a-z0-9-]+) (\d+) us", measured)}

@@ -370,9 +370,10 @@ Entry measure_key(const Dims& d, c10::ScalarType dtype, bool full) {
   return dtype == c10::ScalarType::Double ? measure<double>(d, full) : measure<float>(d, full);
 }
 
-// Starts trials where the measuring ran on a small share of a large step's rows.
+// Starts trials where the measuring ran on fewer rows than a large step has.
 void start_trials(Entry& e, const Dims& d) {
-  if (e.busy || e.us.size() < 2 || step_flops(d) < tuning::kTuneTrialMinFlops) return;
+  if (e.busy || e.us.size() < 2 || e.rows >= d.N || step_flops(d) < tuning::kTuneTrialMinFlops)
+    return;
   for (int round = 0; round < tuning::kTuneTrialRounds; ++round)
     for (const auto& [row, us] : e.us) e.schedule.push_back(row);
 }

@@ -33,11 +33,14 @@ struct Pick {
 // The variant auto runs for this float32/float64 problem at the current thread count:
 // remembered, read from the wisdom file, or measured now.
 //
-// A large step (tuning::kTuneTrialMinFlops) is measured on a small share of its rows, within
-// the budget, and there its candidates can rank the other way round from the full size. Its
-// first whole-step calls (For::WholeStep: sgd_step, the fused loss) then try the candidates at
-// full size, each doing the call's real work, in kTuneTrialRounds rounds; the fastest becomes
-// the pick, written to the wisdom file then. Until then, other calls run the measured pick.
+// A step over the budget's flops is measured on fewer of its rows, and there its candidates
+// can rank the other way round from the full size (the weights' packing weighs more on few
+// rows; the data's passes stay in cache). A step of tuning::kTuneTrialMinFlops or more then
+// tries the candidates at full size in its first whole-step calls (For::WholeStep: sgd_step,
+// the fused loss), each doing the call's real work, in tuning::kTuneTrialRounds rounds; the
+// fastest becomes the pick, written to the wisdom file then. Until then, other calls run the
+// measured pick. Those first calls' results differ from later ones in the last bits (as any two
+// variants' do); a pinned variant, or wisdom from an earlier process, has no trials.
 enum class For {
   Info,       // cpu_kernel_info / cpu_kernel_choice: with the why
   Call,       // an op's call: no why (building it cost ~4 us a call)

@@ -103,14 +103,18 @@ constexpr int64_t kTuneScreenFraction = 4;
 constexpr double kTuneDropRatio = 2.5;
 constexpr int kTuneRounds = 5;
 constexpr double kTuneBudgetMs = 70;
-// A step of kTuneTrialMinFlops or more is measured on a small share of its rows (16-48 of the
-// large size's 4,096), where the candidates can rank the other way round: AMD EPYC Zen 4, large
-// float64, 2 threads: blas-mt 3.4 ms and tuned-avx512 5.5 ms on 16 rows, 349 and 278 ms on
-// all; the order settles only from 512-1,024 rows, a quarter of a step per candidate. Its first
-// whole-step calls try the candidates at full size instead (tuner.h), kTuneTrialRounds rounds
-// (the first call of each is cold: blas 544 ms there against 354 warm), the fastest call of
-// each deciding; the second round skips one over kTuneTrialDropRatio times the best.
-constexpr double kTuneTrialMinFlops = 2e9;
+// A step measured on fewer rows than it has can rank its candidates the other way round from
+// the full size (AMD EPYC Zen 4): large float64, 2 threads, blas-mt 3.4 ms and tuned-avx512
+// 5.5 ms on 16 rows, 349 and 278 ms on all 4,096 (the order settles from 512-1,024 rows, a
+// quarter of a step per candidate); narrow float32, 1 thread, blas 3.37 and tuned-avx512
+// 3.53 ms on 8,880 rows, 32.7 and 24.0 ms on all 65,536 (there the data outgrows the caches).
+// A step of kTuneTrialMinFlops or more tries the candidates at full size in its first
+// whole-step calls instead (tuner.h; their cost is small beside the steps that follow, and the
+// medium size, 0.59 GFLOP, ranked right on 176 of its rows here and on an Intel Xeon),
+// kTuneTrialRounds rounds (the first call of each is cold: blas 544 ms at large against 354
+// warm), the fastest call of each deciding; the second round skips one over
+// kTuneTrialDropRatio times the best.
+constexpr double kTuneTrialMinFlops = 1e9;
 constexpr int kTuneTrialRounds = 2;
 constexpr double kTuneTrialDropRatio = 2.0;
 
