@@ -273,3 +273,21 @@ def test_trials_reach_the_wisdom_file_only_when_decided(tmp_path):
     second = run()  # read back: no measuring, no trials, the same pick
     assert second["seen"] == [["wisdom", True]]
     assert second["choice"]["variant"] == first["choice"]["variant"]
+
+
+def test_only_whole_step_calls_make_trials():
+    from twolayer_ext.tools import recipes as B
+
+    shape = (2048, 1024, 256, 8)  # a bucket of its own, ~2.2 GFLOP a step
+    g = torch.Generator().manual_seed(7)
+    x = torch.rand(shape[0], shape[1], generator=g)
+    w1 = torch.rand(shape[1], shape[2], generator=g) / 64
+    w2 = torch.rand(shape[2], shape[3], generator=g) / 16
+    with tl.use_cpu_kernel("auto"):
+        for _ in range(3):  # forward calls measure the key, and leave its trials to whole steps
+            tl.two_layer(x, w1, w2)
+        assert tl.cpu_kernel_choice(shape)["how"] == "trying"
+        assert B.trying("fused_loss", shape, torch.float32)
+        assert B.trying("sgd_step", shape, torch.float32)
+        assert not B.trying("ext_autograd", shape, torch.float32)  # its calls would never end them
+        assert not B.trying("sgd_step[blas]", shape, torch.float32)  # pinned: no trials

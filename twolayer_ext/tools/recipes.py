@@ -68,6 +68,7 @@ class Recipe:
     trains: bool = True  # False: timed for reference, not a training step
     warmup_calls: int = 2  # calls before timing (compile needs a few)
     ours: bool = False  # runs twolayer_ext's CPU kernels (a variant is chosen)
+    whole_step: bool = False  # its calls run whole steps, where auto's trials happen (tuner.h)
 
 
 class Spec(NamedTuple):
@@ -268,8 +269,22 @@ RECIPES: Dict[str, Recipe] = {
         Recipe("module", "nn.Module", build_module, optimizers=_OPTIMIZERS),
         Recipe("compile", "torch.compile", build_compile, warmup_calls=5),
         Recipe("ext_autograd", "two_layer+l2_loss", build_ext_autograd, ours=True),
-        Recipe("fused_loss", "fused loss", build_fused_loss, optimizers=_OPTIMIZERS, ours=True),
-        Recipe("sgd_step", "fused sgd_step", build_sgd_step, per_variant=True, ours=True),
+        Recipe(
+            "fused_loss",
+            "fused loss",
+            build_fused_loss,
+            optimizers=_OPTIMIZERS,
+            ours=True,
+            whole_step=True,
+        ),
+        Recipe(
+            "sgd_step",
+            "fused sgd_step",
+            build_sgd_step,
+            per_variant=True,
+            ours=True,
+            whole_step=True,
+        ),
         Recipe("gemm_floor", "GEMM floor", build_gemm_floor, trains=False),
     )
 }
@@ -342,10 +357,12 @@ def variant_ran(
 def trying(
     name: str, shape: Tuple[int, int, int, int], dtype: torch.dtype, device: str = "cpu"
 ) -> bool:
-    """Whether auto, for recipe `name` on this problem, is still trying its candidates at full
-    size in the first whole-step calls (a large step: see docs/design.md)."""
+    """Whether auto is still trying its candidates at full size for this problem, in calls
+    that recipe `name` makes (a large step's first whole-step calls: see docs/design.md).
+    False for a recipe whose calls make no trials (two_layer + l2_loss): its calls would not
+    end them."""
     spec = parse(name)
-    if not spec.recipe.ours or device != "cpu" or dtype in (torch.float16, torch.bfloat16):
+    if not spec.recipe.whole_step or device != "cpu" or dtype in (torch.float16, torch.bfloat16):
         return False
     with use_cpu_kernel(spec.variant or current_cpu_kernel()):
         return cpu_kernel_choice(shape, dtype)["how"] == "trying"
