@@ -83,10 +83,9 @@ struct Entry {
   // size and are timed; the entry is final, and written, once they are done.
   std::vector<int> schedule;                    // kTuneTrialRounds rounds of the kept candidates
   size_t handed = 0, reported = 0;              // schedule entries handed to calls, and timed
-  std::map<int, std::vector<double>> trial_us;  // per candidate, scaled to trial_flops
-  double trial_flops = 0;     // the first trial's step flops (calls of a bucket vary)
+  std::map<int, std::vector<double>> trial_us;  // per candidate, scaled to trial_dims' flops
+  Dims trial_dims{};          // the first trial's problem (N = 0: none yet; a bucket's calls vary)
   double trial_extra_ms = 0;  // the trials' time over the best candidate's
-  int64_t trial_rows = 0;
   bool trying() const { return !schedule.empty(); }
 };
 
@@ -103,7 +102,7 @@ std::string describe(const Entry& e) {
   if (e.trying())
     os << "; trying the candidates at full size in its first whole-step calls (" << e.reported
        << " of " << e.schedule.size() << " done)";
-  if (e.trial_rows && !e.trying())
+  if (e.trial_dims.N && !e.trying())
     os << "; tried at full size in its first whole-step calls, which took "
        << std::llround(e.trial_extra_ms) << " ms more than the pick would have";
   if (e.busy) os << "; a core was busy: measured again when it is free";
@@ -378,14 +377,21 @@ void start_trials(Entry& e, const Dims& d) {
     for (const auto& [row, us] : e.us) e.schedule.push_back(row);
 }
 
+// A candidate's trial time: its fastest call (its first is cold).
+double fastest(const std::vector<double>& t) { return *std::min_element(t.begin(), t.end()); }
+
+// The best trial time so far over every candidate (INFINITY before the first).
+double best_trial(const Entry& e) {
+  double best = INFINITY;
+  for (const auto& [row, t] : e.trial_us) best = std::min(best, fastest(t));
+  return best;
+}
+
 // The trials are done: the fastest at full size is the pick, remembered and written.
 void finish_trials(Entry& e) {
   std::vector<std::pair<int, double>> us;
-  double best = INFINITY;
-  for (const auto& [row, t] : e.trial_us) {
-    us.emplace_back(row, *std::min_element(t.begin(), t.end()));
-    best = std::min(best, us.back().second);
-  }
+  for (const auto& [row, t] : e.trial_us) us.emplace_back(row, fastest(t));
+  const double best = best_trial(e);
   e.schedule.clear();
   if (us.empty()) {  // every trial ran while a core was busy: measure again when it is free
     e.busy = true;
@@ -395,8 +401,18 @@ void finish_trials(Entry& e) {
   for (const auto& [row, t] : e.trial_us)
     for (double v : t) e.trial_extra_ms += (v - best) / 1000;
   std::sort(us.begin(), us.end(), [](const auto& a, const auto& b) { return a.second < b.second; });
-  e.us = us, e.row = us.front().first, e.rows = e.trial_rows;
+  e.us = us, e.row = us.front().first, e.rows = e.trial_dims.N;
   save_wisdom();
+}
+
+// Remembers a fresh measurement of key (under mutex): written unless a core was busy or
+// trials are to follow (then it is written when they end).
+std::map<std::string, Entry>::iterator remember(const std::string& key, Entry e, const Dims& d,
+                                                bool full) {
+  if (!full) start_trials(e, d);  // as a first call goes on
+  const auto it = entries.insert_or_assign(key, std::move(e)).first;
+  if (!it->second.busy && !it->second.trying()) save_wisdom();
+  return it;
 }
 
 bool trials_over(const Entry& e) { return e.handed >= e.schedule.size() && e.reported >= e.handed; }
@@ -404,14 +420,11 @@ bool trials_over(const Entry& e) { return e.handed >= e.schedule.size() && e.rep
 // The next candidate to try, or -1: one already over kTuneTrialDropRatio times the best full-
 // size time so far is skipped.
 int next_trial(Entry& e) {
-  double best = INFINITY;
-  for (const auto& [row, t] : e.trial_us)
-    best = std::min(best, *std::min_element(t.begin(), t.end()));
+  const double best = best_trial(e);
   while (e.handed < e.schedule.size()) {
     const int row = e.schedule[e.handed++];
     const auto t = e.trial_us.find(row);
-    if (t == e.trial_us.end() ||
-        *std::min_element(t->second.begin(), t->second.end()) <= tuning::kTuneTrialDropRatio * best)
+    if (t == e.trial_us.end() || fastest(t->second) <= tuning::kTuneTrialDropRatio * best)
       return row;
     ++e.reported;  // skipped
   }
@@ -445,9 +458,7 @@ Pick pick(const Dims& d, c10::ScalarType dtype, For purpose) {
     if (it == entries.end() || (it->second.busy && !busy)) {
       Entry e = measure_key(d, dtype, false);
       e.busy = busy || busy_core::busy();  // or it became busy while measuring
-      start_trials(e, d);
-      it = entries.insert_or_assign(key, std::move(e)).first;
-      if (!it->second.busy && !it->second.trying()) save_wisdom();
+      it = remember(key, std::move(e), d, false);
     }
     Entry& e = it->second;
     const int trial = purpose == For::WholeStep && !busy && e.trying() ? next_trial(e) : -1;
@@ -470,8 +481,8 @@ void report_trial(const std::string& key, const Dims& d, int row, double us) {
     Entry& e = it->second;
     ++e.reported;
     if (us >= 0 && !busy) {  // timings taken while a core is busy mislead
-      if (e.trial_rows == 0) e.trial_rows = d.N, e.trial_flops = step_flops(d);
-      e.trial_us[row].push_back(us * e.trial_flops / step_flops(d));
+      if (e.trial_dims.N == 0) e.trial_dims = d;
+      e.trial_us[row].push_back(us * step_flops(e.trial_dims) / step_flops(d));
     }
     if (trials_over(e)) finish_trials(e);
     warning.swap(pending_warning);
@@ -488,9 +499,7 @@ std::string tune(const Dims& d, c10::ScalarType dtype, bool full) {
     load_wisdom_once();
     e = measure_key(d, dtype, full);
     e.busy = busy_core::busy();
-    if (!full) start_trials(e, d);  // as a first call would go on
-    entries[key] = e;
-    if (!e.busy && !e.trying()) save_wisdom();
+    e = remember(key, std::move(e), d, full)->second;
     warning.swap(pending_warning);
   }
   issue(std::move(warning));

@@ -17,7 +17,6 @@
 #include "../kernels.h"
 #include "../loss_value.h"
 #include "cpu_impl.h"
-#include "tuner.h"
 #include "tuning.h"
 #include "variants.h"
 
@@ -85,19 +84,19 @@ double run_step(const Dims& d, const at::Tensor& x, const at::Tensor& target, co
                       gw2,
                       gb1,
                       gb2};
-  constexpr auto dtype = c10::CppTypeToScalarType<T>::value;
-  const StepVariant v = step_variant_for(d, dtype);
-  if (!v.trial) return v.variant->template kernels<T>().step(s);
+  const tuner::Pick p = step_pick(d, c10::CppTypeToScalarType<T>::value);
+  const auto step = variant_at(p.row).template kernels<T>().step;
+  if (!p.trial) return step(s);
   const auto t0 = std::chrono::steady_clock::now();
   double total;
   try {
-    total = v.variant->template kernels<T>().step(s);
+    total = step(s);
   } catch (...) {
-    tuner::report_trial(v.trial_key, d, v.row, -1);
+    tuner::report_trial(p.key, d, p.row, -1);
     throw;
   }
   tuner::report_trial(
-      v.trial_key, d, v.row,
+      p.key, d, p.row,
       std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
   return total;
 }

@@ -136,15 +136,13 @@ const Variant& variant_for(const Dims& d, c10::ScalarType dtype) {
   return kTable[row_for(current_choice(), d, dtype)];
 }
 
-StepVariant step_variant_for(const Dims& d, c10::ScalarType dtype) {
+tuner::Pick step_pick(const Dims& d, c10::ScalarType dtype) {
   const int c = current_choice();
-  if (c != kAuto || low_precision(dtype)) {
-    const int row = row_for(c, d, dtype);
-    return {&kTable[row], row, false, {}};
+  if (c == kAuto && !low_precision(dtype)) {
+    tuned_row();  // a bad TWOLAYER_ISA fails on any shape
+    return tuner::pick(d, dtype, tuner::For::WholeStep);
   }
-  tuned_row();  // a bad TWOLAYER_ISA fails on any shape
-  const tuner::Pick p = tuner::pick(d, dtype, tuner::For::WholeStep);
-  return {&kTable[p.row], p.row, p.trial, p.key};
+  return {row_for(c, d, dtype), "pinned", ""};
 }
 
 std::string set_kernel_variant(c10::string_view name, bool this_thread) {

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "cpu_impl.h"
+#include "tuner.h"
 
 namespace twolayer::cpu {
 
@@ -42,15 +43,9 @@ struct Variant {
 
 // The variant serving a problem of these dims and element type under the current choice.
 const Variant& variant_for(const Dims& d, c10::ScalarType dtype);
-// The same for a whole step (sgd_step, the fused loss), where auto may hand out a trial
-// (tuner.h: pick): the caller then times the call and hands the time to tuner::report_trial.
-struct StepVariant {
-  const Variant* variant;
-  int row;
-  bool trial;
-  std::string trial_key;  // a trial's, for tuner::report_trial
-};
-StepVariant step_variant_for(const Dims& d, c10::ScalarType dtype);
+// The table row for a whole step (sgd_step, the fused loss), where auto may hand out a trial
+// (tuner.h: pick): then the caller times the call and hands the time to tuner::report_trial.
+tuner::Pick step_pick(const Dims& d, c10::ScalarType dtype);
 
 // Sets the process-wide choice ("auto", "tuned" or a table name), or with this_thread the
 // calling thread's own, which overrides it ("" clears it); returns the previous one ("" for
