@@ -44,9 +44,11 @@ def tiny_problem(lr=1e-3, reduction="sum"):
 
 
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
-# (compile: a cold compile per case; the CLI's --backend all test runs it against the oracle)
+# (compile, compile_module: a cold compile per case; the CLI's --backend all test runs them
+# against the oracle)
 @pytest.mark.parametrize(
-    "name", [n for n in B.names(optimizers=("sgd",), training_only=True) if n != "compile"]
+    "name",
+    [n for n in B.names(optimizers=("sgd",), training_only=True) if not B.parse(n).recipe.compiled],
 )
 def test_every_sgd_backend_trains_like_the_numpy_oracle(name, reduction):
     problem = tiny_problem(reduction=reduction)

@@ -17,7 +17,8 @@
 #   opcheck    test_opcheck.py's [cuda] cases (torch.library.opcheck: the slow ones);
 #   compile    torch.compile on CUDA: mode="reduce-overhead" (CUDA graphs), cold inductor compiles;
 #   bench      the benchmark on CUDA, cut to fit: float32 and bfloat16, every CUDA backend of
-#              twolayer_ext.tools.recipes but `compile`, a few short rounds;
+#              twolayer_ext.tools.recipes but the compiled ones (`compile`, `compile_module`), a
+#              few short rounds;
 #   bench_compile  `compile` against `module` at the seed size only, if time is left.
 # Each test group is its own pytest run with TWOLAYER_REQUIRE_CUDA=1 (a session without CUDA
 # fails instead of skipping) and its own time limit: it is stopped with SIGINT, so pytest still
@@ -100,7 +101,8 @@ for f in tests/test_*.py; do
   FILES[rest]+="${FILES[rest]:+ }$f"
 done
 KEYWORDS[rest]="cuda"
-# The benchmark: the CUDA backends (resolved at run time from twolayer_ext.tools.recipes) but compile.
+# The benchmark: the CUDA backends (resolved at run time from twolayer_ext.tools.recipes) but the
+# compiled ones (compile, compile_module).
 BENCH_ARGS=(--device cuda --size seed --size gpu_narrow --size gpu_large --dtype float32
             --dtype bfloat16 --rounds 3 --warmup 0.25 --min-time 0.05)
 BENCH_COMPILE_ARGS=(--device cuda --size seed --dtype float32 --rounds 3 --warmup 0.25
@@ -441,11 +443,12 @@ test_group() {
 }
 
 # ---- 3. the benchmark ----------------------------------------------------------------------------
-# bench_backends: the CUDA backends of twolayer_ext.tools.recipes but compile, one --backend each.
+# bench_backends: the CUDA backends of twolayer_ext.tools.recipes but the compiled ones, one
+# --backend each.
 BENCH_BACKENDS_PY='
 from twolayer_ext.tools import recipes as B
 print(" ".join(n for n in B.names(device="cuda", optimizers=("sgd",))
-               if B.parse(n).recipe.name != "compile"))
+               if not B.parse(n).recipe.compiled))
 '
 # The benchmark's own argument parser checks each command line ("@NAME" starts one; device cuda
 # swapped for cpu, which it refuses without a GPU; no --json, which it would create). Prints

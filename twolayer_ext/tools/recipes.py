@@ -67,6 +67,7 @@ class Recipe:
     dtypes: Optional[Tuple[torch.dtype, ...]] = None  # None: every dtype torch has
     trains: bool = True  # False: timed for reference, not a training step
     warmup_calls: int = 2  # calls before timing (compile needs a few)
+    compiled: bool = False  # torch.compile'd: a cold compile per build (tests and GPU runs skip it)
     ours: bool = False  # runs twolayer_ext's CPU kernels (a variant is chosen)
     whole_step: bool = False  # its calls run whole steps, where auto's trials happen (tuner.h)
 
@@ -128,8 +129,9 @@ def build_autograd(p: Problem, optimizer: str) -> Runner:
     return Runner(lambda: R.autograd_sgd_step(x, y, w, p.lr, p.reduction), lambda: _to_numpy(w))
 
 
-def build_module(p: Problem, optimizer: str) -> Runner:
-    """What a PyTorch user writes: nn.Sequential + MSELoss + backward + a torch.optim optimizer."""
+def build_module(p: Problem, optimizer: str, compiled: bool = False) -> Runner:
+    """What a PyTorch user writes: nn.Sequential + MSELoss + backward + a torch.optim optimizer;
+    with compiled, the model as torch.compile(model) (inductor, default mode), the rest as it is."""
     x, y, w = _tensors(p)
     bias = w["b1"] is not None
     (D_in, H), D_out = w["w1"].shape, w["w2"].shape[1]
@@ -142,10 +144,11 @@ def build_module(p: Problem, optimizer: str) -> Runner:
             if v is not None:
                 layers[k].copy_(v.t() if v.dim() == 2 else v)  # nn.Linear stores weight^T
     opt, loss_fn = _optimizer(optimizer, model.parameters(), p.lr), _mse(p.reduction)
+    forward = torch.compile(model) if compiled else model
 
     def step():
         opt.zero_grad()
-        loss = loss_fn(model(x), y)
+        loss = loss_fn(forward(x), y)
         loss.backward()
         opt.step()
         return loss.detach()
@@ -156,6 +159,12 @@ def build_module(p: Problem, optimizer: str) -> Runner:
         )
 
     return Runner(step, weights)
+
+
+def build_compile_module(p: Problem, optimizer: str) -> Runner:
+    """torch.compile of the nn.Sequential model, its loss, backward and optimizer eager: the
+    autograd route compiled, the like-for-like peer of the fused loss + optimizer."""
+    return build_module(p, optimizer, compiled=True)
 
 
 def _compiled_manual_step(x, y, w1, w2, b1, b2, lr: float, mean: bool):
@@ -267,7 +276,14 @@ RECIPES: Dict[str, Recipe] = {
         Recipe("manual", "torch by hand", build_manual),
         Recipe("autograd", "autograd", build_autograd),
         Recipe("module", "nn.Module", build_module, optimizers=_OPTIMIZERS),
-        Recipe("compile", "torch.compile", build_compile, warmup_calls=5),
+        Recipe("compile", "torch.compile", build_compile, warmup_calls=5, compiled=True),
+        Recipe(
+            "compile_module",
+            "torch.compile(module)",
+            build_compile_module,
+            warmup_calls=5,
+            compiled=True,
+        ),
         Recipe("ext_autograd", "two_layer+l2_loss", build_ext_autograd, ours=True),
         Recipe(
             "fused_loss",
