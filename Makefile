@@ -2,7 +2,8 @@
 # make test : set up .venv, build, run every test
 # make test-fast: set up .venv, build, run every test but the slow ones (-m "not slow": ~1 min)
 # make check: ruff check + ruff format --check, mypy, clang-format --dry-run, and every C++ source
-#             compiled for aarch64 (no build needed; tools/check.sh)
+#             compiled for aarch64, the portable kernels run under qemu-aarch64 (no build
+#             needed; tools/check.sh)
 # Override the torch pin with e.g. `make test TORCH_SPEC='torch==2.14.1'`.
 PYTHON     ?= python3
 VENV       ?= .venv
@@ -52,7 +53,8 @@ test-fast: build
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests
 
 # Fast static checks, no build: ruff (lint and format), mypy, clang-format, and every C++ source
-# of the CPU build compiled for aarch64 with -fsyntax-only (see tools/check.sh).
+# of the CPU build compiled for aarch64 with -fsyntax-only, the portable kernels run for aarch64
+# under qemu-aarch64 (see tools/check.sh).
 check: setup
 	@PY=$(PY) bash tools/check.sh
 

@@ -4,8 +4,9 @@
 #      so code that only a GPU machine runs (tests/test_cuda.py, ...) is still checked here;
 #   2. ruff format --check: the Python layout;
 #   3. mypy on the package (pyproject.toml [tool.mypy]);
-#   4. clang-format --dry-run over csrc/ (.clang-format);
-#   5. every C++ source of the CPU build compiled for aarch64 (tools/cross_aarch64.sh).
+#   4. clang-format --dry-run over csrc/ and tools/*.cpp (.clang-format);
+#   5. every C++ source of the CPU build compiled for aarch64, and the portable kernels run there
+#      under qemu-aarch64 against an oracle (tools/cross_aarch64.sh).
 # All always run; the exit status is non-zero if any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,7 +33,7 @@ fi
 step "ruff check ($("$PY" -m ruff --version))" "$PY" -m ruff check --no-cache --output-format concise .
 step "ruff format" "$PY" -m ruff format --no-cache --check .
 step "mypy ($("$PY" -m mypy --version | cut -d' ' -f2))" "$PY" -m mypy --no-incremental twolayer_ext
-mapfile -t CSRC < <(git ls-files 'csrc/*.cpp' 'csrc/*.h' 'csrc/*.inc' 'csrc/*.cu' 'csrc/*.cuh')
+mapfile -t CSRC < <(git ls-files 'csrc/*.cpp' 'csrc/*.h' 'csrc/*.inc' 'csrc/*.cu' 'csrc/*.cuh' 'tools/*.cpp')
 step "clang-format ($("$BIN/clang-format" --version | grep -o '[0-9][0-9.]*' | head -1), ${#CSRC[@]} files)" \
     "$BIN/clang-format" --dry-run --Werror "${CSRC[@]}"
 

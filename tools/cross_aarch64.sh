@@ -7,11 +7,18 @@
 # -DNDEBUG -Wall. Fails on any compile error (warnings are shown, not fatal); prints one OK line
 # with the file count.
 #
-# The cross compiler is Debian's g++-aarch64-linux-gnu. When it is missing and we are root with
-# apt-get (this project's machines and CI), it is installed (~10 s); otherwise the script says
-# what to install and fails. TWOLAYER_NO_APT=1 forbids the install. AARCH64_CXX overrides the
-# compiler. Python.h and pyconfig.h are the host's (x86-64): they parse for aarch64 too, both
-# being LP64 Linux (only csrc/ops.cpp includes Python.h).
+# Then the portable kernels run on aarch64: csrc/cpu/tuned_portable.cpp, what an ARM CPU runs,
+# linked with tools/aarch64_kernel_check.cpp (an oracle in double, and the two functions of the
+# extension the kernels call, given without torch) into a static aarch64 program, run under
+# qemu-aarch64 (Debian's qemu-user). It fails the script when a check fails; without qemu (not
+# installed and not installable here) it is skipped, and the OK line says so.
+#
+# The cross compiler is Debian's g++-aarch64-linux-gnu. When it or qemu-user is missing and we
+# are root with apt-get (this project's machines and CI), it is installed (~10 s, qemu-user
+# ~60 s); otherwise the script says what to install and fails (qemu: skips). TWOLAYER_NO_APT=1
+# forbids the installs. AARCH64_CXX overrides the compiler, QEMU_AARCH64 the emulator. Python.h
+# and pyconfig.h are the host's (x86-64): they parse for aarch64 too, both being LP64 Linux
+# (only csrc/ops.cpp includes Python.h).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -20,20 +27,30 @@ start=$SECONDS
 
 die() { echo "cross_aarch64: FAILED: $*" >&2; exit 1; }
 
+# may_apt: whether this script may install Debian packages (root, apt-get, not forbidden).
+may_apt() {
+    [ "${TWOLAYER_NO_APT:-0}" != 1 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1
+}
+# apt_install PACKAGE: installs it, updating a stale or missing package list once; on failure
+# prints apt's last lines and returns 1.
+apt_install() {
+    local log rc=0
+    log=$(mktemp)
+    export DEBIAN_FRONTEND=noninteractive
+    { apt-get install -y -q --no-install-recommends "$1" >>"$log" 2>&1 \
+        || { apt-get update -q >>"$log" 2>&1 && apt-get install -y -q --no-install-recommends "$1" >>"$log" 2>&1; }; } \
+        || { tail -20 "$log" >&2; rc=1; }
+    rm -f "$log"
+    return $rc
+}
+
 if ! command -v "$CXX_A64" >/dev/null 2>&1; then
     hint="install Debian's g++-aarch64-linux-gnu (apt-get install g++-aarch64-linux-gnu)"
-    if [ "${AARCH64_CXX:-}" ] || [ "${TWOLAYER_NO_APT:-0}" = 1 ] \
-        || [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+    if [ "${AARCH64_CXX:-}" ] || ! may_apt; then
         die "the aarch64 cross compiler $CXX_A64 is not installed: $hint"
     fi
     echo "cross_aarch64: $CXX_A64 not found: installing g++-aarch64-linux-gnu with apt-get"
-    apt_log=$(mktemp)
-    export DEBIAN_FRONTEND=noninteractive
-    apt_install() { apt-get install -y -q --no-install-recommends g++-aarch64-linux-gnu >>"$apt_log" 2>&1; }
-    # A stale or missing package list: update it once and try again.
-    apt_install || { apt-get update -q >>"$apt_log" 2>&1 && apt_install; } \
-        || { tail -20 "$apt_log" >&2; die "apt-get could not install g++-aarch64-linux-gnu: $hint"; }
-    rm -f "$apt_log"
+    apt_install g++-aarch64-linux-gnu || die "apt-get could not install g++-aarch64-linux-gnu: $hint"
     command -v "$CXX_A64" >/dev/null 2>&1 || die "g++-aarch64-linux-gnu installed, but $CXX_A64 is still missing"
 fi
 
@@ -104,5 +121,23 @@ std=$(printf '%s\n' "${FLAGS[@]}" | grep -m1 -- '^-std=')
 if [ "${#failed[@]}" -gt 0 ]; then
     die "${#failed[@]} of ${#SOURCES[@]} C++ sources do not compile for aarch64: ${failed[*]}"
 fi
+
+# The portable kernels, run: compiled with the build's own flags (those above: -O3, -fopenmp),
+# linked statically so that qemu needs no aarch64 libraries.
+QEMU=${QEMU_AARCH64:-qemu-aarch64}
+if ! command -v "$QEMU" >/dev/null 2>&1 && [ -z "${QEMU_AARCH64:-}" ] && may_apt; then
+    echo "cross_aarch64: $QEMU not found: installing qemu-user with apt-get"
+    apt_install qemu-user || echo "cross_aarch64: apt-get could not install qemu-user"
+fi
+if command -v "$QEMU" >/dev/null 2>&1; then
+    "$CXX_A64" "${FLAGS[@]}" tools/aarch64_kernel_check.cpp csrc/cpu/tuned_portable.cpp \
+        -static -pthread -o "$tmp/kernel_check" >"$tmp/link.log" 2>&1 \
+        || { cat "$tmp/link.log"; die "the aarch64 kernel check does not build (above)"; }
+    "$QEMU" "$tmp/kernel_check" >"$tmp/run.log" 2>&1 \
+        || { cat "$tmp/run.log"; die "the portable kernels fail on aarch64 under $QEMU (above)"; }
+    ran=$(tail -1 "$tmp/run.log")
+else
+    ran="not run: $QEMU is not installed (apt-get install qemu-user)"
+fi
 echo "cross_aarch64: OK: ${#SOURCES[@]} C++ sources compile for aarch64" \
-    "($CXX_A64 $version -fsyntax-only $std, torch headers of $PY) in $((SECONDS - start)) s"
+    "($CXX_A64 $version -fsyntax-only $std, torch headers of $PY); $ran; in $((SECONDS - start)) s"
