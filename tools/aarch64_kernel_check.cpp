@@ -8,7 +8,8 @@
 // the results must not depend on it (the kernels' contract). Checked per dtype, shape (edge
 // tiles, several K blocks, more rows than a row block, the narrow row-blocked path), bias and
 // reduction: the forward (y, and the ReLU output behind its sign mask), the backward, the fused
-// step storing every gradient (one weight's as a transpose) and the SGD step updating in place.
+// step storing every gradient (one weight's as a transpose) and the SGD step updating in place,
+// on row-major weights and on weights in nn.Linear's layout.
 // Prints one line per failing check and a summary; exits 1 on any failure.
 #include <algorithm>
 #include <atomic>
@@ -259,6 +260,24 @@ void check_case(const Dims& d, bool bias, bool mean, std::mt19937_64& rng) {
     expect("sgd step", "b1", b1u, minus(b1v, o.gb1), where);
     expect("sgd step", "b2", b2u, minus(b2v, o.gb2), where);
   }
+
+  // The same step on weights in nn.Linear's layout (each the transpose of a row-major
+  // matrix, as TwoLayerNet holds them): read through transposed views, updated in place.
+  std::vector<T> w1l(w1s.size()), w2l(w2s.size());
+  for (int64_t i = 0; i < d.D_in; ++i)
+    for (int64_t j = 0; j < d.H; ++j) w1l[j * d.D_in + i] = w1s[i * d.H + j];
+  for (int64_t i = 0; i < d.H; ++i)
+    for (int64_t j = 0; j < d.D_out; ++j) w2l[j * d.H + i] = w2s[i * d.D_out + j];
+  StepArgs<T> l = u;
+  l.w1 = View<T>{w1l.data(), d.D_in, 1}.t(), l.w2 = View<T>{w2l.data(), d.H, 1}.t();
+  l.b1 = pb1, l.b2 = pb2;
+  l.gw1.update = {w1l.data(), 1, d.D_in}, l.gw2.update = {w2l.data(), 1, d.H};
+  l.gb1 = {}, l.gb2 = {};
+  expect("sgd step, nn.Linear layout", "loss", std::vector<double>{tuned_portable::step<T>(l)},
+         Mat{o.loss}, where);
+  expect("sgd step, nn.Linear layout", "w1", transposed(w1l, d.D_in, d.H), minus(w1, o.gw1), where);
+  expect("sgd step, nn.Linear layout", "w2", transposed(w2l, d.H, d.D_out), minus(w2, o.gw2),
+         where);
 }
 
 }  // namespace
