@@ -112,3 +112,41 @@ def test_sgd_step_accepts_strided_arguments(what):
     assert loss.item() == pytest.approx(expected, rel=1e-12)
     for k in ("w1", "w2", "b1"):
         np.testing.assert_allclose(a[k].numpy(), params[k], rtol=1e-12, atol=1e-12)
+
+
+# Several K blocks and edge tiles for every ISA's tiles, and the narrow row-blocked path.
+LAYOUT_SHAPES = [(70, 600, 45, 7), (4100, 24, 20, 5)]
+
+
+@pytest.mark.parametrize("shape", LAYOUT_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nn_linear_layout_changes_no_bit(cpu_kernel, shape, dtype):
+    """TwoLayerNet keeps its weights in nn.Linear's layout (the transpose of the row-major
+    matrices sgd_step takes): its step and its fused loss's gradients are bit for bit those of
+    row-major copies. Our kernels only reorder the loops for it; the BLAS's own rounding may
+    depend on the layout."""
+    if cpu_kernel in ("blas", "blas-mt"):
+        pytest.skip("the BLAS rounds by layout")
+    N, D_in, H, D_out = shape
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(N, D_in, generator=g, dtype=dtype)
+    y = torch.randn(N, D_out, generator=g, dtype=dtype)
+    net = tl.TwoLayerNet(D_in, H, D_out, dtype=dtype)
+    rows = [
+        p.detach().clone(memory_format=torch.contiguous_format)
+        for p in (net.w1, net.w2, net.b1, net.b2)
+    ]
+    assert not net.w1.is_contiguous() and rows[0].is_contiguous()
+
+    leaves = [p.clone().requires_grad_() for p in rows]
+    net.loss(x, y, "sum").backward()
+    tl.two_layer_l2_loss(x, y, *leaves, reduction="sum").backward()
+    grads = (net.weight1.grad.t(), net.weight2.grad.t(), net.bias1.grad, net.bias2.grad)
+    for got, q in zip(grads, leaves):
+        assert torch.equal(got, q.grad)
+
+    loss = net.sgd_step(x, y, lr=1e-3)
+    expected = tl.sgd_step(x, y, *rows, lr=1e-3)
+    assert torch.equal(loss, expected)
+    for p, q in zip((net.w1, net.w2, net.b1, net.b2), rows):
+        assert torch.equal(p.detach(), q)
