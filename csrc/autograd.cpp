@@ -115,7 +115,8 @@ struct NoDerivative : Node {
 
 struct TwoLayerBackward : Node {
   SavedVariable x, w1, w2, act;
-  std::array<bool, 5> mask{};  // (x, w1, w2, b1, b2)
+  std::array<bool, 5> mask{};        // (x, w1, w2, b1, b2)
+  std::array<bool, 2> transposed{};  // w1's, w2's gradient in its weight's transposed layout
   std::string name() const override { return "TwoLayerBackward"; }
   void release_variables() override {
     x.reset_data(), w1.reset_data(), w2.reset_data(), act.reset_data();
@@ -126,7 +127,7 @@ struct TwoLayerBackward : Node {
     if (!grads[0].defined()) return out;  // y unused: every gradient is zero (None)
     const at::Tensor xs = x.unpack(), w1s = w1.unpack();
     auto [gx, gw1, gw2, gb1, gb2] = bwd.call(grads[0], defined_or_none(xs), defined_or_none(w1s),
-                                             w2.unpack(), act.unpack(), mask);
+                                             w2.unpack(), act.unpack(), mask, transposed);
     out[0] = opt_or_undefined(gx), out[1] = opt_or_undefined(gw1), out[2] = opt_or_undefined(gw2);
     out[3] = opt_or_undefined(gb1), out[4] = opt_or_undefined(gb2);
     return out;
@@ -144,6 +145,11 @@ at::Tensor two_layer_autograd(const at::Tensor& x, const at::Tensor& w1, const a
     return y;
   auto node = make_node<TwoLayerBackward>(torch::autograd::collect_next_edges(x, w1, w2, b1, b2));
   node->mask = mask;
+  // A weight that is the transpose of a row-major matrix (TwoLayerNet's .t() views of its
+  // nn.Linear parameters) gets its gradient in that layout: through the view's backward it
+  // reaches the parameter in the parameter's own layout, where AccumulateGrad takes it without
+  // a copy (kernels.h).
+  node->transposed = {mask[1] && transposed_layout(w1), mask[2] && transposed_layout(w2)};
   // Only what the wanted gradients read: x for grad_w1, w1 for grad_x.
   if (mask[1]) node->x = SavedVariable(x, false);
   if (mask[0]) node->w1 = SavedVariable(w1, false);

@@ -315,7 +315,8 @@ void two_layer_fwd(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& 
 }
 
 void two_layer_bwd(const at::Tensor& grad_y, const OptTensor& x, const OptTensor& w1,
-                   const at::Tensor& w2, const at::Tensor& act, std::array<bool, 5> output_mask) {
+                   const at::Tensor& w2, const at::Tensor& act, std::array<bool, 5> output_mask,
+                   std::array<bool, 2>) {
   sym_two_layer_bwd_args(grad_y, x, w1, w2, act, output_mask[0], output_mask[1]);
 }
 

@@ -40,6 +40,8 @@ def test_opcheck_two_layer_bwd(device, mask):  # mask order: (x, w1, w2, b1, b2)
     _, act = OPS.two_layer_fwd(x, w1, w2, b1, b2)
     grad_y = torch.randn(5, 3, dtype=torch.float64, device=device)
     opcheck(OPS.two_layer_bwd, (grad_y, x, w1, w2, act, mask))
+    # Weight gradients in nn.Linear's layout (the transpose of a row-major matrix).
+    opcheck(OPS.two_layer_bwd, (grad_y, x, w1, w2, act, mask, [True, True]))
 
 
 @pytest.mark.parametrize("requires_grad", [False, True])

@@ -150,3 +150,51 @@ def test_nn_linear_layout_changes_no_bit(cpu_kernel, shape, dtype):
     assert torch.equal(loss, expected)
     for p, q in zip((net.w1, net.w2, net.b1, net.b2), rows):
         assert torch.equal(p.detach(), q)
+
+
+@pytest.mark.parametrize("shape", LAYOUT_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_module_forward_gradients_arrive_in_the_parameters_layout(device, cpu_kernel, shape, dtype):
+    """TwoLayerNet(x) with a loss of torch's own: two_layer's backward gives w1's and w2's
+    gradients in the layout of the .t() views it was handed, so they reach the nn.Linear-layout
+    parameters as they are (no copy by AccumulateGrad); the numbers are those of row-major
+    weights, bit for bit in our CPU kernels."""
+    N, D_in, H, D_out = shape
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(N, D_in, generator=g, dtype=dtype).to(device)
+    y = torch.randn(N, D_out, generator=g, dtype=dtype).to(device)
+    net = tl.TwoLayerNet(D_in, H, D_out, device=device, dtype=dtype)
+    leaves = [
+        p.detach().clone(memory_format=torch.contiguous_format).requires_grad_()
+        for p in (net.w1, net.w2, net.b1, net.b2)
+    ]
+    arriving, nodes = {}, []  # the gradient each parameter's AccumulateGrad receives
+    for name in ("weight1", "weight2"):
+        p = getattr(net, name)
+        nodes.append(p.view_as(p).grad_fn.next_functions[0][0])  # alive: kept, with its hook
+        # (its address only: a reference held here would keep AccumulateGrad from taking it)
+        nodes[-1].register_prehook(lambda g, name=name: arriving.update({name: g[0].data_ptr()}))
+    torch.nn.functional.mse_loss(net(x), y, reduction="sum").backward()
+    torch.nn.functional.mse_loss(tl.two_layer(x, *leaves), y, reduction="sum").backward()
+    for name in ("weight1", "weight2"):  # taken as it came: no copy into the parameter's layout
+        assert getattr(net, name).grad.data_ptr() == arriving[name]
+
+    def same(got, want):
+        if device != "cpu" or cpu_kernel in ("blas", "blas-mt"):  # a BLAS rounds by layout
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+        else:
+            assert torch.equal(got, want)
+
+    grads = (net.weight1.grad.t(), net.weight2.grad.t(), net.bias1.grad, net.bias2.grad)
+    for got, q in zip(grads, leaves):
+        same(got, q.grad)
+
+    _, act = torch.ops.twolayer_ext.two_layer_fwd(x, net.w1, net.w2, net.b1, net.b2)
+    gy = torch.randn(N, D_out, generator=g, dtype=dtype).to(device)
+    mask = [False, True, True, False, False]
+    args = (gy, x, net.w1.detach(), net.w2.detach(), act, mask)
+    plain = torch.ops.twolayer_ext.two_layer_bwd(*args)
+    flipped = torch.ops.twolayer_ext.two_layer_bwd(*args, [True, True])
+    for p, f in zip(plain[1:3], flipped[1:3]):
+        assert p.is_contiguous() and f.t().is_contiguous() and not f.is_contiguous()
+        same(f, p)

@@ -211,15 +211,19 @@ def _two_layer_fake(x, w1, w2, b1=None, b2=None):
 
 
 @torch.library.register_fake("twolayer_ext::two_layer_bwd")
-def _two_layer_bwd_fake(grad_y, x, w1, w2, act, output_mask):
-    _ops.two_layer_bwd_check.default(grad_y, x, w1, w2, act, output_mask)
+def _two_layer_bwd_fake(grad_y, x, w1, w2, act, output_mask, grad_transposed=(False, False)):
+    _ops.two_layer_bwd_check.default(grad_y, x, w1, w2, act, output_mask, grad_transposed)
     n, h = act.shape
     d_out = w2.shape[1]
     need_x, need_w1, need_w2, need_b1, need_b2 = output_mask
+
+    def weight_grad(rows, cols, transposed):  # as the kernels allocate it (kernels.h)
+        return grad_y.new_empty((cols, rows)).t() if transposed else grad_y.new_empty((rows, cols))
+
     return (
         grad_y.new_empty((n, w1.shape[0])) if need_x else None,
-        grad_y.new_empty((x.shape[1], h)) if need_w1 else None,
-        grad_y.new_empty((h, d_out)) if need_w2 else None,
+        weight_grad(x.shape[1], h, grad_transposed[0]) if need_w1 else None,
+        weight_grad(h, d_out, grad_transposed[1]) if need_w2 else None,
         grad_y.new_empty((h,)) if need_b1 else None,
         grad_y.new_empty((d_out,)) if need_b2 else None,
     )

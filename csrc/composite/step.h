@@ -188,17 +188,29 @@ std::tuple<at::Tensor, at::Tensor> two_layer_fwd(const Dims& d, const at::Tensor
   return {y, act};
 }
 
+// A fresh gradient [rows, cols] for a 2-D weight: row-major, or the transpose of a row-major
+// one (the layout of a weight that is itself such a transpose: nn.Linear's, through .t()).
+inline at::Tensor new_grad(std::array<int64_t, 2> sizes, const at::TensorOptions& opts,
+                           bool transposed) {
+  if (transposed) return at::empty({sizes[1], sizes[0]}, opts).t();
+  return at::empty({sizes[0], sizes[1]}, opts);
+}
+
 template <class P>
 Grads5 two_layer_bwd(const Dims& d, const at::Tensor& grad_y, const OptTensor& x,
                      const OptTensor& w1, const at::Tensor& w2, const at::Tensor& act,
-                     std::array<bool, 5> output_mask) {
+                     std::array<bool, 5> output_mask, std::array<bool, 2> grad_transposed) {
   const auto [need_x, need_w1, need_w2, need_b1, need_b2] = output_mask;
   const auto opts = act.options();
   auto maybe = [&](bool need, at::IntArrayRef sizes) {
     return need ? OptTensor(at::empty(sizes, opts)) : std::nullopt;
   };
-  const Grads g{maybe(need_x, {d.N, d.D_in}), maybe(need_w1, {d.D_in, d.H}),
-                maybe(need_w2, {d.H, d.D_out}), maybe(need_b1, {d.H}), maybe(need_b2, {d.D_out})};
+  auto weight = [&](bool need, int64_t rows, int64_t cols, bool transposed) {
+    return need ? OptTensor(new_grad({rows, cols}, opts, transposed)) : std::nullopt;
+  };
+  const Grads g{maybe(need_x, {d.N, d.D_in}), weight(need_w1, d.D_in, d.H, grad_transposed[0]),
+                weight(need_w2, d.H, d.D_out, grad_transposed[1]), maybe(need_b1, {d.H}),
+                maybe(need_b2, {d.D_out})};
   backward<P>(grad_y, x, w1, w2, *act.expect_contiguous(), g);  // forward's act: no copy
   return {g.x, g.w1, g.w2, g.b1, g.b2};
 }
@@ -217,12 +229,6 @@ std::tuple<at::Tensor, OptTensor> l2_loss_fwd(const at::Tensor& pred, const at::
   return {P::loss_tensor(loss, pred.options()), grad};
 }
 
-// A fresh gradient for the 2-D weight w: row-major, or the transpose of a row-major one.
-inline at::Tensor new_grad(const at::Tensor& w, bool transposed) {
-  if (transposed) return at::empty({w.size(1), w.size(0)}, w.options()).t();
-  return at::empty(w.sizes(), w.options());
-}
-
 // The fused loss's gradients that output_mask asks for, fresh: (x, target, w1, w2, b1, b2); a
 // weight's in its own layout or, with grad_transposed, as the transpose of a row-major one.
 inline std::array<OptTensor, 6> new_loss_grads(const Dims& d, const at::Tensor& x,
@@ -234,8 +240,8 @@ inline std::array<OptTensor, 6> new_loss_grads(const Dims& d, const at::Tensor& 
   std::array<OptTensor, 6> g;
   if (output_mask[0]) g[0] = at::empty({d.N, d.D_in}, opts);
   if (output_mask[1]) g[1] = at::empty({d.N, d.D_out}, opts);
-  if (output_mask[2]) g[2] = new_grad(w1, grad_transposed[0]);
-  if (output_mask[3]) g[3] = new_grad(w2, grad_transposed[1]);
+  if (output_mask[2]) g[2] = new_grad({w1.size(0), w1.size(1)}, opts, grad_transposed[0]);
+  if (output_mask[3]) g[3] = new_grad({w2.size(0), w2.size(1)}, opts, grad_transposed[1]);
   if (output_mask[4] && b1) g[4] = at::empty({d.H}, opts);
   if (output_mask[5] && b2) g[5] = at::empty({d.D_out}, opts);
   return g;

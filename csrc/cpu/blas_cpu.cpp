@@ -37,6 +37,12 @@ template <typename T>
 OptTensor maybe_row_major(T* p, int64_t rows, int64_t cols) {
   return p ? OptTensor(row_major_tensor(p, rows, cols)) : std::nullopt;
 }
+// A weight's gradient [rows, cols] at p: row-major, or the transpose of a row-major one.
+template <typename T>
+OptTensor weight_grad(T* p, int64_t rows, int64_t cols, bool transposed) {
+  if (!p || !transposed) return maybe_row_major(p, rows, cols);
+  return row_major_tensor(p, cols, rows).t();
+}
 template <typename T>
 OptTensor vector_tensor(const T* p, int64_t n, int64_t stride) {
   if (!p) return std::nullopt;
@@ -80,10 +86,11 @@ void forward(const ForwardArgs<T>& a) {
 template <Gemms kGemms, typename T>
 void backward(const BackwardArgs<T>& a) {
   const Dims d = a.d;
-  const composite::Grads g{
-      maybe_row_major(a.grad_x, d.N, d.D_in), maybe_row_major(a.grad_w1, d.D_in, d.H),
-      maybe_row_major(a.grad_w2, d.H, d.D_out), vector_tensor<T>(a.grad_b1, d.H, 1),
-      vector_tensor<T>(a.grad_b2, d.D_out, 1)};
+  const composite::Grads g{maybe_row_major(a.grad_x, d.N, d.D_in),
+                           weight_grad(a.grad_w1, d.D_in, d.H, a.grad_w1_transposed),
+                           weight_grad(a.grad_w2, d.H, d.D_out, a.grad_w2_transposed),
+                           vector_tensor<T>(a.grad_b1, d.H, 1),
+                           vector_tensor<T>(a.grad_b2, d.D_out, 1)};
   const OptTensor x = a.grad_w1 ? OptTensor(as_tensor(a.x, d.N, d.D_in)) : std::nullopt;
   const OptTensor w1 = a.grad_x ? OptTensor(as_tensor(a.w1, d.D_in, d.H)) : std::nullopt;
   composite::backward<CompositePolicy<kGemms>>(as_tensor(a.grad_y, d.N, d.D_out), x, w1,

@@ -63,6 +63,9 @@ struct BackwardArgs {
   View<T> grad_y, x, w1, w2;  // x, w1 only read when grad_w1 / grad_x are wanted
   const T* act;               // [N, H] row-major
   T *grad_x, *grad_w1, *grad_w2, *grad_b1, *grad_b2;  // row-major; nullptr: not wanted
+  // grad_w1 / grad_w2 hold the gradient's transpose ([cols, rows] row-major), as
+  // GradOut::transposed does.
+  bool grad_w1_transposed = false, grad_w2_transposed = false;
 };
 
 // Where one weight's gradient goes in a fused step: stored (row-major), applied as

@@ -54,7 +54,11 @@ template <typename T>
 void backward(const BackwardArgs<T>& a) {
   const Dims d = a.d;
   const View<T> act = row_major<T>(a.act, d.H);
-  if (a.grad_w2) matmul(d.H, d.D_out, d.N, act.t(), a.grad_y, a.grad_w2);
+  // A transposed gradient as the product of the transposes (the same sums, in the same order).
+  if (a.grad_w2 && a.grad_w2_transposed)
+    matmul(d.D_out, d.H, d.N, a.grad_y.t(), act, a.grad_w2);
+  else if (a.grad_w2)
+    matmul(d.H, d.D_out, d.N, act.t(), a.grad_y, a.grad_w2);
   if (a.grad_b2)  // grad_y may be strided: summed through its view
     for (int64_t j = 0; j < d.D_out; ++j) {
       a.grad_b2[j] = T(0);
@@ -67,7 +71,10 @@ void backward(const BackwardArgs<T>& a) {
   for (int64_t i = 0; i < d.N * d.H; ++i)
     if (std::signbit(a.act[i])) grad_h[i] = T(0);  // grad_h[h < 0] = 0
   const View<T> gh = row_major<T>(grad_h.data(), d.H);
-  if (a.grad_w1) matmul(d.D_in, d.H, d.N, a.x.t(), gh, a.grad_w1);
+  if (a.grad_w1 && a.grad_w1_transposed)
+    matmul(d.H, d.D_in, d.N, gh.t(), a.x, a.grad_w1);
+  else if (a.grad_w1)
+    matmul(d.D_in, d.H, d.N, a.x.t(), gh, a.grad_w1);
   if (a.grad_b1) column_sums(grad_h.data(), d.N, d.H, a.grad_b1);
   if (a.grad_x) matmul(d.N, d.D_in, d.H, gh, a.w1.t(), a.grad_x);
 }

@@ -134,17 +134,18 @@ std::tuple<at::Tensor, at::Tensor> two_layer_fwd(const at::Tensor& x, const at::
 
 Grads5 two_layer_bwd(const at::Tensor& grad_y, const OptTensor& x, const OptTensor& w1,
                      const at::Tensor& w2, const at::Tensor& act_in,
-                     std::array<bool, 5> output_mask) {
+                     std::array<bool, 5> output_mask, std::array<bool, 2> grad_transposed) {
   const auto [need_x, need_w1, need_w2, need_b1, need_b2] = output_mask;
   const Dims d = check_two_layer_bwd_args(grad_y, x, w1, w2, act_in, need_x, need_w1);
   if (sixteen_bit(act_in))
-    return composite::two_layer_bwd<SixteenBit>(d, grad_y, x, w1, w2, act_in, output_mask);
+    return composite::two_layer_bwd<SixteenBit>(d, grad_y, x, w1, w2, act_in, output_mask,
+                                                grad_transposed);
   const auto act = act_in.expect_contiguous();  // two_layer_fwd's own act: no copy
   const auto opts = act->options();
   OptTensor grad_x, grad_w1, grad_w2, grad_b1, grad_b2;
   if (need_x) grad_x = at::empty({d.N, d.D_in}, opts);
-  if (need_w1) grad_w1 = at::empty({d.D_in, d.H}, opts);
-  if (need_w2) grad_w2 = at::empty({d.H, d.D_out}, opts);
+  if (need_w1) grad_w1 = composite::new_grad({d.D_in, d.H}, opts, grad_transposed[0]);
+  if (need_w2) grad_w2 = composite::new_grad({d.H, d.D_out}, opts, grad_transposed[1]);
   if (need_b1) grad_b1 = at::empty({d.H}, opts);
   if (need_b2) grad_b2 = at::empty({d.D_out}, opts);
   AT_DISPATCH_FLOATING_TYPES(act->scalar_type(), "two_layer_bwd", [&] {
@@ -160,7 +161,9 @@ Grads5 two_layer_bwd(const at::Tensor& grad_y, const OptTensor& x, const OptTens
                             ptr_or_null<T>(grad_w1),
                             ptr_or_null<T>(grad_w2),
                             ptr_or_null<T>(grad_b1),
-                            ptr_or_null<T>(grad_b2)};
+                            ptr_or_null<T>(grad_b2),
+                            grad_transposed[0],
+                            grad_transposed[1]};
     variant_for(d, c10::CppTypeToScalarType<T>::value).kernels<T>().backward(a);
   });
   return {grad_x, grad_w1, grad_w2, grad_b1, grad_b2};

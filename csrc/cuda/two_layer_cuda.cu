@@ -87,10 +87,11 @@ std::tuple<at::Tensor, at::Tensor> two_layer_fwd(const at::Tensor& x, const at::
 }
 
 Grads5 two_layer_bwd(const at::Tensor& grad_y, const OptTensor& x, const OptTensor& w1,
-                     const at::Tensor& w2, const at::Tensor& act, std::array<bool, 5> output_mask) {
+                     const at::Tensor& w2, const at::Tensor& act, std::array<bool, 5> output_mask,
+                     std::array<bool, 2> grad_transposed) {
   const Dims d = check_two_layer_bwd_args(grad_y, x, w1, w2, act, output_mask[0], output_mask[1]);
   const c10::cuda::CUDAGuard guard(cuda_device_of(kBackward, "act", act));
-  return composite::two_layer_bwd<Policy>(d, grad_y, x, w1, w2, act, output_mask);
+  return composite::two_layer_bwd<Policy>(d, grad_y, x, w1, w2, act, output_mask, grad_transposed);
 }
 
 std::tuple<at::Tensor, OptTensor> l2_loss_fwd(const at::Tensor& pred, const at::Tensor& target,
