@@ -20,8 +20,8 @@ namespace twolayer {
 // nn.Linear-layout parameters): the fused loss and two_layer's backward ask for its gradient in
 // that same layout (grad_transposed of two_layer_l2_loss_fwd and two_layer_bwd), so that
 // autograd hands it to the parameter as it is (AccumulateGrad copies a gradient whose strides
-// differ from the parameter's). An explicit
-// flag, not the strides, decides the output layout: torch.compile may lay inputs out anew.
+// differ from the parameter's). An explicit flag, not the strides, decides the output layout:
+// torch.compile may lay inputs out anew.
 inline bool transposed_layout(const at::Tensor& w) {
   return w.dim() == 2 && w.size(0) > 1 && w.size(1) > 1 && w.stride(0) == 1 &&
          w.stride(1) == w.size(0);

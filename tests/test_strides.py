@@ -118,6 +118,21 @@ def test_sgd_step_accepts_strided_arguments(what):
 LAYOUT_SHAPES = [(70, 600, 45, 7), (4100, 24, 20, 5)]
 
 
+def layout_problem(shape, dtype, seed, device="cpu"):
+    """x, y, a TwoLayerNet (weights in nn.Linear's layout) and row-major copies of its
+    (w1, w2, b1, b2)."""
+    N, D_in, H, D_out = shape
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, D_in, generator=g, dtype=dtype).to(device)
+    y = torch.randn(N, D_out, generator=g, dtype=dtype).to(device)
+    net = tl.TwoLayerNet(D_in, H, D_out, device=device, dtype=dtype)
+    rows = [
+        p.detach().clone(memory_format=torch.contiguous_format)
+        for p in (net.w1, net.w2, net.b1, net.b2)
+    ]
+    return x, y, net, rows
+
+
 @pytest.mark.parametrize("shape", LAYOUT_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_nn_linear_layout_changes_no_bit(cpu_kernel, shape, dtype):
@@ -127,15 +142,7 @@ def test_nn_linear_layout_changes_no_bit(cpu_kernel, shape, dtype):
     depend on the layout."""
     if cpu_kernel in ("blas", "blas-mt"):
         pytest.skip("the BLAS rounds by layout")
-    N, D_in, H, D_out = shape
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(N, D_in, generator=g, dtype=dtype)
-    y = torch.randn(N, D_out, generator=g, dtype=dtype)
-    net = tl.TwoLayerNet(D_in, H, D_out, dtype=dtype)
-    rows = [
-        p.detach().clone(memory_format=torch.contiguous_format)
-        for p in (net.w1, net.w2, net.b1, net.b2)
-    ]
+    x, y, net, rows = layout_problem(shape, dtype, seed=1)
     assert not net.w1.is_contiguous() and rows[0].is_contiguous()
 
     leaves = [p.clone().requires_grad_() for p in rows]
@@ -159,15 +166,8 @@ def test_module_forward_gradients_arrive_in_the_parameters_layout(device, cpu_ke
     gradients in the layout of the .t() views it was handed, so they reach the nn.Linear-layout
     parameters as they are (no copy by AccumulateGrad); the numbers are those of row-major
     weights, bit for bit in our CPU kernels."""
-    N, D_in, H, D_out = shape
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(N, D_in, generator=g, dtype=dtype).to(device)
-    y = torch.randn(N, D_out, generator=g, dtype=dtype).to(device)
-    net = tl.TwoLayerNet(D_in, H, D_out, device=device, dtype=dtype)
-    leaves = [
-        p.detach().clone(memory_format=torch.contiguous_format).requires_grad_()
-        for p in (net.w1, net.w2, net.b1, net.b2)
-    ]
+    x, y, net, rows = layout_problem(shape, dtype, seed=2, device=device)
+    leaves = [p.requires_grad_() for p in rows]
     arriving, nodes = {}, []  # the gradient each parameter's AccumulateGrad receives
     for name in ("weight1", "weight2"):
         p = getattr(net, name)
@@ -190,7 +190,7 @@ def test_module_forward_gradients_arrive_in_the_parameters_layout(device, cpu_ke
         same(got, q.grad)
 
     _, act = torch.ops.twolayer_ext.two_layer_fwd(x, net.w1, net.w2, net.b1, net.b2)
-    gy = torch.randn(N, D_out, generator=g, dtype=dtype).to(device)
+    gy = torch.randn_like(y)
     mask = [False, True, True, False, False]
     args = (gy, x, net.w1.detach(), net.w2.detach(), act, mask)
     plain = torch.ops.twolayer_ext.two_layer_bwd(*args)

@@ -183,9 +183,16 @@ void check_case(const Dims& d, bool bias, bool mean, std::mt19937_64& rng) {
   backprop(d, x, w1, w2, g, ob);
   const auto gs = as<T>(g);
   std::vector<T> bx(d.N * d.D_in), bw1(d.D_in * d.H), bw2(d.H * d.D_out), bb1(d.H), bb2(d.D_out);
-  tuned_portable::backward<T>({d, row_major(gs.data(), d.D_out), row_major(xs.data(), d.D_in),
-                               row_major(w1s.data(), d.H), row_major(w2s.data(), d.D_out),
-                               act.data(), bx.data(), bw1.data(), bw2.data(), bb1.data(),
+  tuned_portable::backward<T>({d,
+                               row_major(gs.data(), d.D_out),
+                               row_major(xs.data(), d.D_in),
+                               row_major(w1s.data(), d.H),
+                               row_major(w2s.data(), d.D_out),
+                               act.data(),
+                               bx.data(),
+                               {bw1.data()},
+                               {bw2.data()},
+                               bb1.data(),
                                bb2.data()});
   expect("backward", "grad_x", bx, ob.gx, where);
   expect("backward", "grad_w1", bw1, ob.gw1, where);

@@ -37,12 +37,6 @@ template <typename T>
 OptTensor maybe_row_major(T* p, int64_t rows, int64_t cols) {
   return p ? OptTensor(row_major_tensor(p, rows, cols)) : std::nullopt;
 }
-// A weight's gradient [rows, cols] at p: row-major, or the transpose of a row-major one.
-template <typename T>
-OptTensor weight_grad(T* p, int64_t rows, int64_t cols, bool transposed) {
-  if (!p || !transposed) return maybe_row_major(p, rows, cols);
-  return row_major_tensor(p, cols, rows).t();
-}
 template <typename T>
 OptTensor vector_tensor(const T* p, int64_t n, int64_t stride) {
   if (!p) return std::nullopt;
@@ -86,12 +80,13 @@ void forward(const ForwardArgs<T>& a) {
 template <Gemms kGemms, typename T>
 void backward(const BackwardArgs<T>& a) {
   const Dims d = a.d;
-  const composite::Grads g{maybe_row_major(a.grad_x, d.N, d.D_in),
-                           weight_grad(a.grad_w1, d.D_in, d.H, a.grad_w1_transposed),
-                           weight_grad(a.grad_w2, d.H, d.D_out, a.grad_w2_transposed),
-                           vector_tensor<T>(a.grad_b1, d.H, 1),
+  auto stored = [](const GradOut<T>& out, int64_t rows, int64_t cols) {
+    return out.store ? OptTensor(matrix_sink(out, rows, cols).store) : std::nullopt;
+  };
+  const composite::Grads g{maybe_row_major(a.grad_x, d.N, d.D_in), stored(a.gw1, d.D_in, d.H),
+                           stored(a.gw2, d.H, d.D_out), vector_tensor<T>(a.grad_b1, d.H, 1),
                            vector_tensor<T>(a.grad_b2, d.D_out, 1)};
-  const OptTensor x = a.grad_w1 ? OptTensor(as_tensor(a.x, d.N, d.D_in)) : std::nullopt;
+  const OptTensor x = a.gw1.store ? OptTensor(as_tensor(a.x, d.N, d.D_in)) : std::nullopt;
   const OptTensor w1 = a.grad_x ? OptTensor(as_tensor(a.w1, d.D_in, d.H)) : std::nullopt;
   composite::backward<CompositePolicy<kGemms>>(as_tensor(a.grad_y, d.N, d.D_out), x, w1,
                                                as_tensor(a.w2, d.H, d.D_out),

@@ -57,19 +57,9 @@ struct ForwardArgs {
   T* y;    // [N, D_out] row-major
 };
 
-template <typename T>
-struct BackwardArgs {
-  Dims d;
-  View<T> grad_y, x, w1, w2;  // x, w1 only read when grad_w1 / grad_x are wanted
-  const T* act;               // [N, H] row-major
-  T *grad_x, *grad_w1, *grad_w2, *grad_b1, *grad_b2;  // row-major; nullptr: not wanted
-  // grad_w1 / grad_w2 hold the gradient's transpose ([cols, rows] row-major), as
-  // GradOut::transposed does.
-  bool grad_w1_transposed = false, grad_w2_transposed = false;
-};
-
-// Where one weight's gradient goes in a fused step: stored (row-major), applied as
-// w -= lr * grad in place (SGD), or nowhere (not wanted, or a frozen weight).
+// Where one weight's gradient goes in a fused step (or a backward, which only stores): stored
+// (row-major), applied as w -= lr * grad in place (SGD), or nowhere (not wanted, or a frozen
+// weight).
 template <typename T>
 struct GradOut {
   T* store = nullptr;  // row-major gradient
@@ -80,6 +70,16 @@ struct GradOut {
   MutView<T> update{nullptr, 0, 0};  // the weight itself (a bias: one row, cs = its stride)
   T lr = T(0);
   bool wanted() const { return store || update.p; }
+};
+
+template <typename T>
+struct BackwardArgs {
+  Dims d;
+  View<T> grad_y, x, w1, w2;  // x, w1 only read when gw1 / grad_x are wanted
+  const T* act;               // [N, H] row-major
+  T* grad_x;                  // row-major; nullptr: not wanted
+  GradOut<T> gw1, gw2;        // stored only (row-major or transposed); no store: not wanted
+  T *grad_b1, *grad_b2;       // nullptr: not wanted
 };
 
 // The fused step: forward, L2 loss, and the gradients each GradOut asks for, all at

@@ -55,26 +55,26 @@ void backward(const BackwardArgs<T>& a) {
   const Dims d = a.d;
   const View<T> act = row_major<T>(a.act, d.H);
   // A transposed gradient as the product of the transposes (the same sums, in the same order).
-  if (a.grad_w2 && a.grad_w2_transposed)
-    matmul(d.D_out, d.H, d.N, a.grad_y.t(), act, a.grad_w2);
-  else if (a.grad_w2)
-    matmul(d.H, d.D_out, d.N, act.t(), a.grad_y, a.grad_w2);
+  if (a.gw2.store && a.gw2.transposed)
+    matmul(d.D_out, d.H, d.N, a.grad_y.t(), act, a.gw2.store);
+  else if (a.gw2.store)
+    matmul(d.H, d.D_out, d.N, act.t(), a.grad_y, a.gw2.store);
   if (a.grad_b2)  // grad_y may be strided: summed through its view
     for (int64_t j = 0; j < d.D_out; ++j) {
       a.grad_b2[j] = T(0);
       for (int64_t i = 0; i < d.N; ++i)
         a.grad_b2[j] += a.grad_y.p[i * a.grad_y.rs + j * a.grad_y.cs];
     }
-  if (!a.grad_x && !a.grad_w1 && !a.grad_b1) return;
+  if (!a.grad_x && !a.gw1.store && !a.grad_b1) return;
   std::vector<T> grad_h(d.N * d.H);
   matmul(d.N, d.H, d.D_out, a.grad_y, a.w2.t(), grad_h.data());  // grad_y @ w2^T
   for (int64_t i = 0; i < d.N * d.H; ++i)
     if (std::signbit(a.act[i])) grad_h[i] = T(0);  // grad_h[h < 0] = 0
   const View<T> gh = row_major<T>(grad_h.data(), d.H);
-  if (a.grad_w1 && a.grad_w1_transposed)
-    matmul(d.H, d.D_in, d.N, gh.t(), a.x, a.grad_w1);
-  else if (a.grad_w1)
-    matmul(d.D_in, d.H, d.N, a.x.t(), gh, a.grad_w1);
+  if (a.gw1.store && a.gw1.transposed)
+    matmul(d.H, d.D_in, d.N, gh.t(), a.x, a.gw1.store);
+  else if (a.gw1.store)
+    matmul(d.D_in, d.H, d.N, a.x.t(), gh, a.gw1.store);
   if (a.grad_b1) column_sums(grad_h.data(), d.N, d.H, a.grad_b1);
   if (a.grad_x) matmul(d.N, d.D_in, d.H, gh, a.w1.t(), a.grad_x);
 }
@@ -98,8 +98,17 @@ double step(const StepArgs<T>& s) {
     auto want = [](const GradOut<T>& o, std::vector<T>& g) {
       return o.wanted() ? g.data() : nullptr;
     };
-    backward<T>({d, row_major<T>(grad_y.data(), d.D_out), s.x, s.w1, s.w2, act.data(), s.grad_x,
-                 want(s.gw1, gw1), want(s.gw2, gw2), want(s.gb1, gb1), want(s.gb2, gb2)});
+    backward<T>({d,
+                 row_major<T>(grad_y.data(), d.D_out),
+                 s.x,
+                 s.w1,
+                 s.w2,
+                 act.data(),
+                 s.grad_x,
+                 {want(s.gw1, gw1)},
+                 {want(s.gw2, gw2)},
+                 want(s.gb1, gb1),
+                 want(s.gb2, gb2)});
     if (s.grad_target)
       for (int64_t i = 0; i < ny; ++i) s.grad_target[i] = -grad_y[i];
     deliver(s.gw1, gw1.data(), d.D_in, d.H);

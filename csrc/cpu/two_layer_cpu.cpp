@@ -158,12 +158,10 @@ Grads5 two_layer_bwd(const at::Tensor& grad_y, const OptTensor& x, const OptTens
                             view<T>(w2),
                             act->data_ptr<T>(),
                             ptr_or_null<T>(grad_x),
-                            ptr_or_null<T>(grad_w1),
-                            ptr_or_null<T>(grad_w2),
+                            store_into<T>(grad_w1),
+                            store_into<T>(grad_w2),
                             ptr_or_null<T>(grad_b1),
-                            ptr_or_null<T>(grad_b2),
-                            grad_transposed[0],
-                            grad_transposed[1]};
+                            ptr_or_null<T>(grad_b2)};
     variant_for(d, c10::CppTypeToScalarType<T>::value).kernels<T>().backward(a);
   });
   return {grad_x, grad_w1, grad_w2, grad_b1, grad_b2};
