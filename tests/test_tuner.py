@@ -45,6 +45,20 @@ def child(wisdom, **env):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def cpu_part():
+    """'cpu family F, model M' of /proc/cpuinfo's first processor (x86), or None."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            block = f.read().split("\n\n")[0]
+    except OSError:
+        return None
+    fields = dict(line.split(":", 1) for line in block.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    if "cpu family" not in fields or "model" not in fields:
+        return None
+    return f"cpu family {fields['cpu family']}, model {fields['model']}"
+
+
 def test_measured_once_then_remembered():
     with tl.use_cpu_kernel("auto"):
         first = tl.cpu_kernel_choice(SHAPE)
@@ -80,6 +94,9 @@ def test_wisdom_file_is_written_and_read_back_with_the_same_pick(tmp_path):
     assert first["info"]["how"] == "measured" and not first["warnings"]
     lines = wisdom.read_text().splitlines()
     assert lines[0] == "twolayer_ext wisdom 1" and lines[1].startswith("identity ")
+    part = cpu_part()
+    if part:  # a model name alone may cover several generations: the identity names the part
+        assert part in lines[1]
     assert any(line.startswith("step float32 t") and "128x256x64x8" in line for line in lines[2:])
     second = child(wisdom)
     assert second["info"]["how"] == "wisdom" and not second["warnings"]
@@ -88,8 +105,10 @@ def test_wisdom_file_is_written_and_read_back_with_the_same_pick(tmp_path):
 
 
 @pytest.mark.slow  # a subprocess that measures
-@pytest.mark.parametrize("bad", ["corrupt", "stale", "bad-line"])
+@pytest.mark.parametrize("bad", ["corrupt", "stale", "other-generation", "bad-line"])
 def test_bad_wisdom_warns_once_and_measures_again(tmp_path, bad):
+    if bad == "other-generation" and not cpu_part():
+        pytest.skip("/proc/cpuinfo names no CPU family here")
     wisdom = tmp_path / "wisdom.txt"
     child(wisdom)  # a good file, then spoiled
     lines = wisdom.read_text().splitlines()
@@ -102,6 +121,11 @@ def test_bad_wisdom_warns_once_and_measures_again(tmp_path, bad):
             )
             + "\n"
         )
+    elif bad == "other-generation":  # the same model name, another family (Zen 4 for Zen 5)
+        family = re.search(r"cpu family (\d+)", lines[1])
+        assert family, lines[1]
+        other = lines[1].replace(family[0], f"cpu family {int(family[1]) + 1}")
+        wisdom.write_text("\n".join([lines[0], other, *lines[2:]]) + "\n")
     else:
         wisdom.write_text(
             "\n".join([*lines, "step float32 t1 64x64x64x64\t64\tno-such-variant=1"]) + "\n"

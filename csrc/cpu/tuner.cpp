@@ -113,14 +113,31 @@ std::string describe(const Entry& e) {
 
 constexpr const char* kMagic = "twolayer_ext wisdom 1";
 
+// The CPU as /proc/cpuinfo names it: the model name and the exact part (x86: family, model,
+// stepping; ARM: implementer, part, variant). A hypervisor may show one model name for several
+// generations ("AMD EPYC" for Zen 4 and Zen 5), whose best picks differ.
 std::string cpu_model() {
+  static const char* const kFields[] = {"model name",      "cpu family", "model",      "stepping",
+                                        "CPU implementer", "CPU part",   "CPU variant"};
   std::ifstream f("/proc/cpuinfo");
+  std::map<std::string, std::string> seen;
   for (std::string line; std::getline(f, line);) {
+    if (line.empty() && !seen.empty()) break;  // the first processor's block is enough
     const auto colon = line.find(':');
-    if (colon != std::string::npos && line.rfind("model name", 0) == 0)
-      return line.substr(line.find_first_not_of(" \t", colon + 1));
+    if (colon == std::string::npos) continue;
+    std::string name = line.substr(0, colon);
+    name.erase(name.find_last_not_of(" \t") + 1);
+    const auto start = line.find_first_not_of(" \t", colon + 1);
+    if (start != std::string::npos) seen.emplace(name, line.substr(start));
   }
-  return "unknown CPU";
+  std::string out;
+  for (const char* field : kFields) {
+    const auto it = seen.find(field);
+    if (it == seen.end()) continue;
+    if (!out.empty()) out += ", ";
+    out += field == kFields[0] ? it->second : std::string(field) + " " + it->second;
+  }
+  return out.empty() ? "unknown CPU" : out;
 }
 
 // This build of the extension: its file's size and modification time.

@@ -4,7 +4,8 @@
 // count and a shape bucket (each of N, D_in, H, D_out rounded up to a power of two). The first
 // time a key is seen, the eligible variants (variants.h: auto_candidates) are timed in a few
 // short interleaved rounds, at most tuning::kTuneBudgetMs in all, and the fastest is kept:
-// for the process, and in a wisdom file keyed by CPU model, ISA, torch version and the build.
+// for the process, and in a wisdom file keyed by CPU (model name and exact part), ISA, torch
+// version and the build.
 //
 // The wisdom file: $TWOLAYER_WISDOM, else $XDG_CACHE_HOME/twolayer_ext/wisdom.txt (or
 // ~/.cache/...); TWOLAYER_WISDOM=off keeps the picks in memory only. A missing, corrupt,
