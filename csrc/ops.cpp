@@ -84,6 +84,7 @@ TORCH_LIBRARY(twolayer_ext, m) {
   // For tests: `n` signs of a lost core now (cpu/busy_core.h).
   m.def("_busy_core_signs(int n) -> ()",
         [](int64_t n) { twolayer::cpu::busy_core::note_signs(int(n)); });
+  m.def("cpu_name() -> str", [] { return twolayer::cpu::tuner::cpu_name(); });
   m.def("cpu_kernels() -> str[]", [] { return twolayer::cpu::kernel_names(); });
   m.def("cpu_kernel_missing(str name) -> str",
         [](c10::string_view name) { return twolayer::cpu::kernel_missing(name); });

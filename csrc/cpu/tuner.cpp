@@ -531,4 +531,9 @@ std::string tune(const Dims& d, c10::ScalarType dtype, bool full) {
   return os.str();
 }
 
+std::string cpu_name() {
+  static const std::string name = cpu_model();
+  return name;
+}
+
 }  // namespace twolayer::cpu::tuner

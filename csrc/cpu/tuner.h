@@ -55,4 +55,7 @@ void report_trial(const std::string& key, const Dims& d, int row, double us);
 // (full: at the problem's own N, not the budget's). Returns it as a JSON object.
 std::string tune(const Dims& d, c10::ScalarType dtype, bool full);
 
+// The CPU as the wisdom file's identity names it: the model name and the exact part.
+std::string cpu_name();
+
 }  // namespace twolayer::cpu::tuner

@@ -392,11 +392,8 @@ def machine_info(device):
         "numpy": np.__version__,
         "platform": platform.platform(),
     }
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        info["cpu"] = platform.processor()
+    # The wisdom file's name for the CPU: a VM may show one model name for several generations.
+    info["cpu"] = torch.ops.twolayer_ext.cpu_name()
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     return info
