@@ -311,6 +311,12 @@ def test_only_whole_step_calls_make_trials():
     with tl.use_cpu_kernel("auto"):
         for _ in range(3):  # forward calls measure the key, and leave its trials to whole steps
             tl.two_layer(x, w1, w2)
+        if tl.cpu_kernel_choice(shape)["how"] == "measured":
+            # No trials are made where the screen leaves one candidate, or while a core is busy
+            # (seen under the sanitizers, which slow our kernels and not the BLAS).
+            info = tl.cpu_kernel_info(shape)
+            assert "screened out" in info or "a core was busy" in info, info
+            pytest.skip(f"no trials to look at: {info}")
         assert tl.cpu_kernel_choice(shape)["how"] == "trying"
         assert B.trying("fused_loss", shape, torch.float32)
         assert B.trying("sgd_step", shape, torch.float32)
