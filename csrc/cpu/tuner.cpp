@@ -154,7 +154,7 @@ std::string build_id() {
 const std::string& identity() {
   static const std::string id = [] {
     std::ostringstream os;
-    os << cpu_model() << " | " << variant_at(auto_candidates().front()).name << " | torch "
+    os << cpu_name() << " | " << variant_at(auto_candidates().front()).name << " | torch "
        << TORCH_VERSION << " | build " << build_id();
     return os.str();
   }();
