@@ -237,6 +237,40 @@ def test_signs_while_another_process_holds_a_core_make_a_busy_core():
         loop.wait()
 
 
+def test_blas_mt_calls_that_lose_a_core_make_a_busy_core():
+    # blas-mt hands whole GEMMs to the BLAS's own threads, whose barriers no region of ours
+    # sees (at the tutorial's size its elementwise passes are too small for regions): its
+    # calls watch for losing their core themselves. Busy-loop processes on all cores but one,
+    # so that one of the two threads has to share.
+    cores = len(os.sched_getaffinity(0))
+    if cores > 8:
+        pytest.skip(f"{cores} cores: too many busy-loop processes to start")
+    loops = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores - 1)]
+    try:
+        out = run_child(
+            """
+            import time, torch, twolayer_ext as tl
+            torch.set_num_threads(2)
+            g = torch.Generator().manual_seed(0)
+            x, t = torch.randn(64, 1000, generator=g), torch.randn(64, 10, generator=g)
+            w1 = torch.randn(1000, 100, generator=g) * 0.03
+            w2 = torch.randn(100, 10, generator=g) * 0.1
+            busy, end = False, time.time() + 30
+            with tl.use_cpu_kernel("blas-mt"):
+                while not busy and time.time() < end:
+                    tl.sgd_step(x, t, w1, w2, lr=1e-12)
+                    busy = tl.cpu_kernel_choice((64, 1000, 100, 10))["busy_core"]
+                tl.sgd_step(x, t, w1, w2, lr=1e-12)  # the next call: ATen on this thread alone
+            print(busy, torch.get_num_threads())
+            """
+        )
+    finally:
+        for loop in loops:
+            loop.kill()
+            loop.wait()
+    assert out.split() == ["True", "1"]
+
+
 def test_signs_from_this_processs_own_threads_alone_are_not_a_busy_core():
     # OpenMP's threads spinning after each region are this process's CPU time, not another's:
     # here two threads of matrix products keep the machine's cores busy meanwhile.

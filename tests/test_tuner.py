@@ -202,6 +202,14 @@ def test_auto_never_offers_reference_and_names_its_candidates():
         torch.ops.twolayer_ext.cpu_kernel_tune([8, 8, 8, 8], torch.float16)
 
 
+def test_blas_mt_is_measured_at_every_size():
+    # The BLAS on its own threads can win well below large steps (MKL on an Intel Xeon at the
+    # tutorial's size): no size rule keeps it out; it is timed, or screened out by its time.
+    info = tl.cpu_kernel_info(SHAPE)
+    if info.startswith("auto"):
+        assert "blas-mt" in info, info
+
+
 # ~2.2 GFLOP a step: a large step, measured on a few of its rows, then tried at full size.
 LARGE = (2048, 1024, 256, 16)
 

@@ -5,15 +5,22 @@
 //
 // "blas" runs each GEMM in row chunks on our threads (pool.h), the BLAS single-threaded
 // (Gemms::RowChunks). "blas-mt" runs each as one BLAS call on the BLAS's own (OpenMP)
-// threads: where GEMMs are large, the BLAS's own partitioning beats row chunks (it shares
-// its packed panels between threads); but its barriers wait for a descheduled thread, and its
-// bits may depend on the thread count. auto offers it only for large steps
-// (tuning::kBlasOwnThreadsMinFlops).
+// threads: the BLAS's own partitioning can beat row chunks (it shares its packed panels
+// between threads, and splits the summed dimension where the rows are few: MKL on an Intel
+// Xeon, the tutorial's size, 2 threads, 147-161 against 204-233 us a step), but its bits may
+// depend on the thread count. auto measures it beside the others, at every size; while a core
+// is busy ATen's GEMMs run on the calling thread alone (busy_core.h), so no barrier waits for
+// a descheduled thread.
 #include <ATen/ops/from_blob.h>
+
+#include <algorithm>
 
 #include "../composite/cpu_policy.h"
 #include "../composite/step.h"
+#include "busy_core.h"
 #include "cpu_impl.h"
+#include "tuner.h"
+#include "variants.h"
 
 namespace twolayer::cpu {
 
@@ -68,8 +75,41 @@ composite::Sink bias_sink(const GradOut<T>& out, int64_t n) {
   return k;
 }
 
+// blas-mt's calls: the BLAS's barriers wait for a thread that lost its core out of our
+// sight. So a call whose thread spent a millisecond off its core, or that took a millisecond
+// longer than auto measured a whole step of its problem take, is a busy-core sign
+// (busy_core.h); and while a core is busy ATen's GEMMs from here run on this thread alone.
+// The blas variant's regions are ours, and watched already.
+template <Gemms kGemms, typename T>
+class WatchLateCall {
+ public:
+  explicit WatchLateCall(const Dims& d) : d_(d) {
+    if constexpr (kGemms == Gemms::Whole) {
+      busy_core::adapt();
+      wall_ns_ = busy_core::now_ns(), cpu_ns_ = busy_core::thread_cpu_ns();
+    }
+  }
+  ~WatchLateCall() {
+    if constexpr (kGemms == Gemms::Whole) {
+      static const int row = variant_row("blas-mt");
+      const int64_t wall = busy_core::now_ns() - wall_ns_;
+      const int64_t off_core = wall - (busy_core::thread_cpu_ns() - cpu_ns_);
+      const double us = tuner::measured_step_us(d_, c10::CppTypeToScalarType<T>::value, row);
+      const int64_t over = us > 0 ? wall - int64_t(us * 1e3) : 0;
+      busy_core::note_late_call(std::max(off_core, over));
+    }
+  }
+  WatchLateCall(const WatchLateCall&) = delete;
+  WatchLateCall& operator=(const WatchLateCall&) = delete;
+
+ private:
+  Dims d_;
+  int64_t wall_ns_ = 0, cpu_ns_ = 0;
+};
+
 template <Gemms kGemms, typename T>
 void forward(const ForwardArgs<T>& a) {
+  const WatchLateCall<kGemms, T> watch(a.d);
   const Dims d = a.d;
   composite::forward<CompositePolicy<kGemms>>(
       as_tensor(a.x, d.N, d.D_in), as_tensor(a.w1, d.D_in, d.H), as_tensor(a.w2, d.H, d.D_out),
@@ -79,6 +119,7 @@ void forward(const ForwardArgs<T>& a) {
 
 template <Gemms kGemms, typename T>
 void backward(const BackwardArgs<T>& a) {
+  const WatchLateCall<kGemms, T> watch(a.d);
   const Dims d = a.d;
   auto stored = [](const GradOut<T>& out, int64_t rows, int64_t cols) {
     return out.store ? OptTensor(matrix_sink(out, rows, cols).store) : std::nullopt;
@@ -95,6 +136,7 @@ void backward(const BackwardArgs<T>& a) {
 
 template <Gemms kGemms, typename T>
 double step(const StepArgs<T>& s) {
+  const WatchLateCall<kGemms, T> watch(s.d);
   const Dims d = s.d;
   composite::StepOutputs o;
   o.mean = s.mean;

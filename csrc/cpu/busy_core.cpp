@@ -139,6 +139,16 @@ void note_no_worker(int64_t job_ns, bool woken) {
   if (enabled() && job_ns >= us * 1000) sign();
 }
 
+void note_late_call(int64_t late_ns) {
+  if (enabled() && late_ns >= tuning::kBusyWaitMicroseconds * 1000) sign();
+}
+
+int64_t thread_cpu_ns() {
+  timespec ts{};
+  ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return int64_t(ts.tv_sec) * 1000000000 + int64_t(ts.tv_nsec);
+}
+
 bool busy() { return enabled() && now_ns() < busy_until.load(); }
 
 // This thread's share of torch.set_num_threads: OpenMP's and MKL's thread-local settings, not

@@ -8,7 +8,8 @@
 //    the user's own ops) run on one thread: torch.get_num_threads() reads 1 there, and the
 //    count it had comes back at this thread's first op after the core is free again (a
 //    torch.set_num_threads made in between is kept).
-// Our kernels' results do not depend on the thread count, so nothing but the time changes.
+// Our kernels' results do not depend on the thread count (blas-mt's may: the BLAS's own
+// partitioning), so nothing but the time changes.
 // A core counts as busy only while other processes use one: this process's own threads
 // (OpenMP's and OpenBLAS's spin for a while after each region) give signs too, briefly.
 // TWOLAYER_BUSY_CORE=off turns this off.
@@ -26,6 +27,15 @@ void note_wait(int64_t wait_ns, int64_t work_ns);
 // `woken`: a worker had to be woken from sleep for it (a wake-up can take a while on a
 // quiet machine too).
 void note_no_worker(int64_t job_ns, bool woken);
+
+// A call that hands whole GEMMs to the BLAS's own threads (the blas-mt variant) was
+// `late_ns` late: its calling thread spent that long off its core, or the call took that much
+// longer than auto measured for its problem. The BLAS's barriers waited for a thread that
+// lost its core, which none of our regions sees.
+void note_late_call(int64_t late_ns);
+
+// This thread's CPU time, nanoseconds.
+int64_t thread_cpu_ns();
 
 // At the start of an op's outermost loop on this thread: lowers or restores ATen's thread
 // count for this thread (above). Returns whether a core counts as busy now.

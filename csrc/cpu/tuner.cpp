@@ -49,16 +49,6 @@ int64_t pow2_ceil(int64_t v) {
   return p;
 }
 
-// auto's candidates for this problem: "blas-mt" only for large steps (tuning.h).
-std::vector<int> candidates_for(const Dims& d) {
-  std::vector<int> rows;
-  for (int r : auto_candidates())
-    if (std::strcmp(variant_at(r).name, "blas-mt") != 0 ||
-        step_flops(d) >= tuning::kBlasOwnThreadsMinFlops)
-      rows.push_back(r);
-  return rows;
-}
-
 std::string key_of(const Dims& d, c10::ScalarType dtype, int threads) {
   char key[128];  // snprintf, not a stream: this runs on every op call
   std::snprintf(key, sizeof key, "step %s t%d %lldx%lldx%lldx%lld",
@@ -331,7 +321,7 @@ Entry measure(const Dims& full, bool at_full_size) {
     return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
         .count();
   };
-  std::vector<int> rows = candidates_for(full);
+  std::vector<int> rows = auto_candidates();
   // A screen on the first rows alone drops the far slower candidates before they cost a
   // full-size call. Each candidate is called once before it (first touch, packing buffers,
   // the BLAS's first call on this thread: seen to take 2.5x a warm call at the tutorial's
@@ -382,7 +372,14 @@ Entry measure(const Dims& full, bool at_full_size) {
   return e;
 }
 
+// Set while this thread measures, under the mutex: measured_step_us answers 0 then.
+thread_local bool measuring = false;
+
 Entry measure_key(const Dims& d, c10::ScalarType dtype, bool full) {
+  measuring = true;
+  struct Done {
+    ~Done() { measuring = false; }
+  } done;
   return dtype == c10::ScalarType::Double ? measure<double>(d, full) : measure<float>(d, full);
 }
 
@@ -452,7 +449,7 @@ int next_trial(Entry& e) {
 }  // namespace
 
 Pick pick(const Dims& d, c10::ScalarType dtype, For purpose) {
-  const std::vector<int> candidates = candidates_for(d);
+  const std::vector<int>& candidates = auto_candidates();
   if (step_flops(d) < tuning::kTuneMinFlops || candidates.size() == 1)
     return {candidates.front(), "rule",
             purpose != For::Info ? std::string()
@@ -505,6 +502,17 @@ void report_trial(const std::string& key, const Dims& d, int row, double us) {
     warning.swap(pending_warning);
   }
   issue(std::move(warning));
+}
+
+double measured_step_us(const Dims& d, c10::ScalarType dtype, int row) {
+  if (measuring) return 0;  // the measuring's own calls (this thread holds the mutex)
+  const std::string key = key_of(d, dtype, busy_core::team_threads());
+  std::lock_guard<std::mutex> lock(mutex);
+  const auto it = entries.find(key);
+  if (it == entries.end() || it->second.rows <= 0) return 0;
+  for (const auto& [r, us] : it->second.us)
+    if (r == row) return us * double(d.N) / double(it->second.rows);
+  return 0;
 }
 
 std::string tune(const Dims& d, c10::ScalarType dtype, bool full) {

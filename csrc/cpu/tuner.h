@@ -51,6 +51,11 @@ Pick pick(const Dims& d, c10::ScalarType dtype, For purpose = For::Info);
 // How long a trial's call took (us), or -1 where it threw; key: the Pick's.
 void report_trial(const std::string& key, const Dims& d, int row, double us);
 
+// What a whole step of this problem took with the variant of table row `row` where auto
+// measured it at the current thread count, scaled to d's rows (us); 0 where it has no such
+// measurement.
+double measured_step_us(const Dims& d, c10::ScalarType dtype, int row);
+
 // Measures the key of this problem now, whatever is remembered, and remembers the result
 // (full: at the problem's own N, not the budget's). Returns it as a JSON object.
 std::string tune(const Dims& d, c10::ScalarType dtype, bool full);

@@ -72,7 +72,8 @@ constexpr int kPoolSpinMicroseconds = 50;
 // processes use kBusyOthersCores or more (measured over kBusyLoadMs or more; an older
 // start, over kBusyLoadStaleMs, begins a new interval), and for kBusyHoldMs after the last.
 // A sign: a parallel region whose caller waited at its end over kBusyWaitMicroseconds (and
-// over its own work) for another thread, or a job of our pool that ran
+// over its own work) for another thread, a blas-mt call that took over kBusyWaitMicroseconds
+// longer than a whole step measured (tuner.h), or a job of our pool that ran
 // kBusyNoWorkerMicroseconds without any awake worker joining (kBusyWaitMicroseconds where one
 // had to be woken from sleep). Measured on an Intel Xeon (2 cores), 8 s of steps at seed and
 // medium: quiet, 5 and 16 such no-worker jobs and 5 waits (a core's time slice is
@@ -122,10 +123,6 @@ constexpr double kTuneTrialDropRatio = 2.0;
 // kBlasChunkFlops each, at most kBlasMaxChunks.
 constexpr double kBlasChunkFlops = 4e6;
 constexpr int64_t kBlasMaxChunks = 8;
-// "blas-mt" (the BLAS on its own threads) is a candidate of auto's only for steps of at least
-// this many flops: there its threading beat the row chunks (large, Intel Xeon, 2 threads:
-// 95 vs 123 ms for the five GEMMs), and a barrier's wait on a busy core is small beside a GEMM.
-constexpr double kBlasOwnThreadsMinFlops = 2e9;
 
 // The CPU's L2 loss sums its squared errors in chunks of this many elements (fixed, so the
 // sum has the same bits for any thread count), the partial sums added pairwise.

@@ -62,7 +62,7 @@ std::vector<std::string> kernel_names();
 std::string kernel_missing(c10::string_view name);
 
 // For the tuner (tuner.h): the table's rows, and those "auto" chooses among on this CPU (the
-// best tuned build first, "blas" last; never "reference").
+// best tuned build first, "blas" and "blas-mt" last; never "reference").
 int variant_count();
 const Variant& variant_at(int row);
 int variant_row(c10::string_view name);  // -1: no such row
