@@ -313,6 +313,7 @@ def test_routes_reports_each_route_and_optimizer(capsys):
         "fused f+b",
         "seq f+b",
         "floor",
+        "bwd floor",
         "SGD foreach",
         "Adam fused",
         "f+b/sgd",

@@ -11,7 +11,10 @@ Per size, dtype and thread count, medians over interleaved rounds (microseconds 
   SGD, SGD foreach, Adam, Adam foreach, Adam fused
                the optimizer's step alone on the four parameters, torch's defaults and the
                opt-in CPU implementations (the same on both routes: ratios compare like with like);
-  floor        the step's five GEMMs alone (torch.mm), what no unfused step beats.
+  floor        the step's five GEMMs alone (torch.mm), what no unfused step beats;
+  bwd floor    torch's least backward, (w * 2).sum().backward() for a one-element leaf w: what
+               any loss.backward() costs on this machine (torch's Python and its engine) before
+               a gradient is computed, with its code and data in cache.
 Ratios: fused f+b / sgd_step (the fused loss's cost against the one-call step) and
 (seq f+b + SGD) / (fused f+b + SGD) (the drop-in route against nn.Sequential, same SGD).
 The mlp size (256, 512, 256, 16) also times a whole AdamW + clip_grad_norm_ step both ways.
@@ -67,11 +70,18 @@ def _calls(shape, dtype):
             p.grad = None
         mse(seq(x), y).backward()
 
+    leaf = torch.zeros(1, dtype=dtype, requires_grad=True)
+
+    def bwd_floor():
+        leaf.grad = None
+        (leaf * 2).sum().backward()
+
     calls = {
         "sgd_step": lambda: sgd_step(x, y, w1, w2, b1, b2, lr=1e-9),
         "fused f+b": fused_fb,
         "seq f+b": seq_fb,
         "floor": five_gemms(x, y, w1, w2),
+        "bwd floor": bwd_floor,
     }
     opt_net = TwoLayerNet(*shape[1:], dtype=dtype)
     for p in opt_net.parameters():
@@ -137,7 +147,7 @@ def main(argv=None):
     sizes = args.size or [
         (n, SIZES[n]) for n in ("seed", "medium", "large", "narrow", "mlp", "1x1")
     ]
-    cols = ["sgd_step", "fused f+b", "seq f+b", "floor", *OPTIMIZERS]
+    cols = ["sgd_step", "fused f+b", "seq f+b", "floor", "bwd floor", *OPTIMIZERS]
     print(f"# {torch.__version__}, busy processes: {args.busy}; microseconds per call (medians)")
     print(
         f"{'size':<8} {'dtype':<8} {'thr':>3} "
