@@ -91,12 +91,14 @@ class WatchLateCall {
   }
   ~WatchLateCall() {
     if constexpr (kGemms == Gemms::Whole) {
-      static const int row = variant_row("blas-mt");
-      const int64_t wall = busy_core::now_ns() - wall_ns_;
-      const int64_t off_core = wall - (busy_core::thread_cpu_ns() - cpu_ns_);
-      const double us = tuner::measured_step_us(d_, c10::CppTypeToScalarType<T>::value, row);
-      const int64_t over = us > 0 ? wall - int64_t(us * 1e3) : 0;
-      busy_core::note_late_call(std::max(off_core, over));
+      try {  // a watch never fails the call it watched
+        static const int row = variant_row("blas-mt");
+        const int64_t wall = busy_core::now_ns() - wall_ns_;
+        const int64_t off_core = wall - (busy_core::thread_cpu_ns() - cpu_ns_);
+        const double us = tuner::measured_step_us(d_, c10::CppTypeToScalarType<T>::value, row);
+        const int64_t over = us > 0 ? wall - int64_t(us * 1e3) : 0;
+        busy_core::note_late_call(std::max(off_core, over));
+      } catch (...) {}
     }
   }
   WatchLateCall(const WatchLateCall&) = delete;

@@ -72,8 +72,9 @@ constexpr int kPoolSpinMicroseconds = 50;
 // processes use kBusyOthersCores or more (measured over kBusyLoadMs or more; an older
 // start, over kBusyLoadStaleMs, begins a new interval), and for kBusyHoldMs after the last.
 // A sign: a parallel region whose caller waited at its end over kBusyWaitMicroseconds (and
-// over its own work) for another thread, a blas-mt call that took over kBusyWaitMicroseconds
-// longer than a whole step measured (tuner.h), or a job of our pool that ran
+// over its own work) for another thread, a blas-mt call whose thread spent over
+// kBusyWaitMicroseconds off its core or that took that much longer than auto measured its
+// step take (tuner.h), or a job of our pool that ran
 // kBusyNoWorkerMicroseconds without any awake worker joining (kBusyWaitMicroseconds where one
 // had to be woken from sleep). Measured on an Intel Xeon (2 cores), 8 s of steps at seed and
 // medium: quiet, 5 and 16 such no-worker jobs and 5 waits (a core's time slice is
