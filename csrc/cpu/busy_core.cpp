@@ -68,12 +68,15 @@ double system_busy_s() {
   return double(v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / ticks_per_s;
 }
 
-// This process's CPU time, every thread's, in seconds.
-double process_cpu_s() {
+// A CPU-time clock (this process's, or this thread's), in nanoseconds.
+int64_t cpu_clock_ns(clockid_t clock) {
   timespec ts{};
-  ::clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
-  return double(ts.tv_sec) + 1e-9 * double(ts.tv_nsec);
+  ::clock_gettime(clock, &ts);
+  return int64_t(ts.tv_sec) * 1000000000 + int64_t(ts.tv_nsec);
 }
+
+// This process's CPU time, every thread's, in seconds.
+double process_cpu_s() { return 1e-9 * double(cpu_clock_ns(CLOCK_PROCESS_CPUTIME_ID)); }
 
 enum class Others { kLoaded, kIdle, kPending };
 
@@ -143,11 +146,7 @@ void note_late_call(int64_t late_ns) {
   if (enabled() && late_ns >= tuning::kBusyWaitMicroseconds * 1000) sign();
 }
 
-int64_t thread_cpu_ns() {
-  timespec ts{};
-  ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-  return int64_t(ts.tv_sec) * 1000000000 + int64_t(ts.tv_nsec);
-}
+int64_t thread_cpu_ns() { return cpu_clock_ns(CLOCK_THREAD_CPUTIME_ID); }
 
 bool busy() { return enabled() && now_ns() < busy_until.load(); }
 
