@@ -79,7 +79,8 @@ def test_names_come_from_the_registry_and_the_cpu_kernels():
     assert names.index("module+adam") == names.index("module") + 1
     default = B.current_cpu_kernel()
     assert "sgd_step" in names and f"sgd_step[{default}]" not in names
-    assert {f"sgd_step[{k}]" for k in twolayer_ext.CPU_KERNELS if k != default} <= set(names)
+    variants = {f"sgd_step[{k}]" for k in twolayer_ext.CPU_KERNELS if k != default}
+    assert {n for n in variants if not B.missing(n)} <= set(names)
     assert "numpy" not in B.names(device="cuda") and "numpy" not in B.names(dtype=torch.float16)
     assert not any("[" in n for n in B.names(device="cuda"))
     assert B.baseline("fused_loss+adam") == "module+adam" and B.baseline("sgd_step") == "module"
@@ -132,8 +133,11 @@ def test_tiny_run_writes_table_and_json(tmp_path, capsys):
     got = {r["backend"]: r for r in report["results"]}
     assert set(got) == set(backends)
     for name, r in got.items():
-        assert r["status"] == "ok" and r["median_us"] > 0 and r["shape"] == [5, 7, 6, 3], name
-        assert name in table
+        assert name in table and r["shape"] == [5, 7, 6, 3], name
+        if B.missing(name):  # a variant for an ISA this CPU lacks: its row says so
+            assert r["status"] == f"skipped ({B.missing(name)})" and r["variant"] == "-", name
+            continue
+        assert r["status"] == "ok" and r["median_us"] > 0, name
     for base in ("module", "module+adam"):  # each optimizer against its own module row
         assert got[base]["speedup_vs_module"] == pytest.approx(1.0)
     assert got["fused_loss+adam"]["speedup_vs_module"] == pytest.approx(
@@ -144,6 +148,26 @@ def test_tiny_run_writes_table_and_json(tmp_path, capsys):
     assert got["sgd_step"]["mflop_per_step"] == pytest.approx(flops / 1e6)
     assert got["sgd_step"]["flop_per_byte"] == pytest.approx(flops / nbytes)
     assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # no temporary left
+
+
+def test_a_variant_this_cpu_lacks(tmp_path, capsys, monkeypatch):
+    """A CPU without an ISA (an AVX2-only one lacks avx512): the default list leaves that
+    variant out, and named on the command line its row says why, the rest of the run goes on.
+    Pretended here for tuned-portable, which every CPU runs."""
+    real = B.cpu_kernel_missing
+    monkeypatch.setattr(
+        B,
+        "cpu_kernel_missing",
+        lambda k: "needs a CPU with isa9" if k == "tuned-portable" else real(k),
+    )
+    assert "sgd_step[tuned-portable]" not in B.names() and "sgd_step[reference]" in B.names()
+    out = tmp_path / "bench.json"
+    names = ["sgd_step[tuned-portable]", "sgd_step[reference]"]
+    bench.main(FAST + sum((["--backend", n] for n in names), []) + ["--json", str(out)])
+    got = {r["backend"]: r for r in json.loads(out.read_text())["results"]}
+    assert got["sgd_step[tuned-portable]"]["status"] == "skipped (needs a CPU with isa9)"
+    assert got["sgd_step[reference]"]["status"] == "ok"
+    assert "skipped (needs a CPU with isa9)" in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -27,8 +27,10 @@ from .. import reference as R
 from ..module import TwoLayerNet
 from ..ops import (
     CPU_KERNELS,
+    CPU_VARIANTS,
     cpu_kernel_choice,
     cpu_kernel_info,
+    cpu_kernel_missing,
     l2_loss,
     set_cpu_kernel,
     sgd_step,
@@ -337,6 +339,13 @@ def parse(name: str) -> Spec:
     return Spec(recipe, optimizer, variant)
 
 
+def missing(name: str) -> str:
+    """Why this CPU cannot run recipe `name` ("" when it can): its [VARIANT] needs an ISA the
+    CPU lacks, e.g. "needs a CPU with avx512"."""
+    variant = parse(name).variant
+    return cpu_kernel_missing(variant) if variant is not None and variant in CPU_VARIANTS else ""
+
+
 def label(name: str) -> str:
     """The table label of a recipe name, e.g. "fused loss+adam"."""
     spec = parse(name)
@@ -362,7 +371,7 @@ def variant_ran(
     """The CPU kernel variant recipe `name` runs for this problem ("-" where none of ours
     does): its [VARIANT], else the choice in effect, auto's pick resolved for the shape."""
     spec = parse(name)
-    if not spec.recipe.ours or device != "cpu":
+    if not spec.recipe.ours or device != "cpu" or missing(name):
         return "-"
     if dtype in (torch.float16, torch.bfloat16):
         return "lowp"
@@ -402,7 +411,7 @@ def names(
     training_only: bool = False,
 ) -> List[str]:
     """Every recipe name that runs on device in dtype, each optimizer variant right after its
-    SGD row and, on the CPU, sgd_step once per other CPU kernel variant."""
+    SGD row and, on the CPU, sgd_step once per other CPU kernel variant this CPU can run."""
     out = []
     for b in RECIPES.values():
         if training_only and not b.trains:
@@ -411,7 +420,7 @@ def names(
         if b.per_variant:
             default = current_cpu_kernel()
             out += [f"{b.name}[{k}]" for k in CPU_KERNELS if k != default]
-    return [n for n in out if runs_on(n, device, dtype)]
+    return [n for n in out if runs_on(n, device, dtype) and not missing(n)]
 
 
 def build(name: str, problem: Problem) -> Runner:

@@ -118,6 +118,11 @@ def _recipe_list(text):
                 f"unknown recipe {n!r} (choose from {', '.join(CHOICES)}, all, "
                 f"or a comma-separated list)"
             )
+        if B.missing(n):
+            raise argparse.ArgumentTypeError(
+                f"recipe {n!r} {B.missing(n)}, which this one lacks (choose from "
+                f"{', '.join(CHOICES)}, all, or a comma-separated list)"
+            )
     return tuple(dict.fromkeys(names))
 
 
