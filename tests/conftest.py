@@ -72,6 +72,20 @@ def cpu_kernel(request):
 
 
 @pytest.fixture
+def tuned_portable_missing(monkeypatch):
+    """The recipe registry sees tuned-portable, which every CPU runs, as needing "a CPU with
+    isa9": a variant for an ISA this CPU lacks (as tuned-avx512 on an AVX2-only one)."""
+    from twolayer_ext.tools import recipes
+
+    real = recipes.cpu_kernel_missing
+    monkeypatch.setattr(
+        recipes,
+        "cpu_kernel_missing",
+        lambda k: "needs a CPU with isa9" if k == "tuned-portable" else real(k),
+    )
+
+
+@pytest.fixture
 def device(request):
     return request.param
 

@@ -289,15 +289,9 @@ def test_bad_input_exits_2_with_one_line(argv, says, tmp_path, capsys, monkeypat
     assert sorted(tmp_path.rglob("*")) == before  # nothing written, not even half
 
 
-def test_a_variant_this_cpu_lacks_is_refused_with_the_reason(capsys, monkeypatch):
+def test_a_variant_this_cpu_lacks_is_refused_with_the_reason(capsys, tuned_portable_missing):
     """Named, a variant for an ISA the CPU lacks stops the CLI before it starts, saying why (an
-    AVX2-only CPU and tuned-avx512); pretended here for tuned-portable, which every CPU runs."""
-    real = B.cpu_kernel_missing
-    monkeypatch.setattr(
-        B,
-        "cpu_kernel_missing",
-        lambda k: "needs a CPU with isa9" if k == "tuned-portable" else real(k),
-    )
+    AVX2-only CPU and tuned-avx512); pretended for tuned-portable (the fixture)."""
     assert train.main(SMALL + ["--backend", "sgd_step,sgd_step[tuned-portable]"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1

@@ -158,8 +158,9 @@ def measure(size_name, shape, dtype, device, names, args, progress):
     cell = f"{size_name} {str(dtype).removeprefix('torch.')}"
     for name in names:
         spec = B.parse(name)
-        if B.missing(name):  # named on the command line, e.g. sgd_step[tuned-avx512]
-            results[name] = {"status": f"skipped ({B.missing(name)})"}
+        missing = B.missing(name)  # named on the command line, e.g. sgd_step[tuned-avx512]
+        if missing:
+            results[name] = {"status": f"skipped ({missing})"}
             continue
         lr = sgd_lr if spec.optimizer == "sgd" else ADAM_LR
         progress(f"{cell} {name}: warm-up", line=True)

@@ -114,15 +114,14 @@ def _recipe_list(text):
         except ValueError:
             spec = None
         if spec is None or spec.optimizer != "sgd" or not spec.recipe.trains:
-            raise argparse.ArgumentTypeError(
-                f"unknown recipe {n!r} (choose from {', '.join(CHOICES)}, all, "
-                f"or a comma-separated list)"
-            )
-        if B.missing(n):
-            raise argparse.ArgumentTypeError(
-                f"recipe {n!r} {B.missing(n)}, which this one lacks (choose from "
-                f"{', '.join(CHOICES)}, all, or a comma-separated list)"
-            )
+            what = f"unknown recipe {n!r}"
+        elif B.missing(n):
+            what = f"recipe {n!r} {B.missing(n)}, which this one lacks"
+        else:
+            continue
+        raise argparse.ArgumentTypeError(
+            f"{what} (choose from {', '.join(CHOICES)}, all, or a comma-separated list)"
+        )
     return tuple(dict.fromkeys(names))
 
 
